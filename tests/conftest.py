@@ -1,0 +1,32 @@
+"""Shared test helpers: where the golden fixtures and sample data live, and torch settings.
+
+Only tests read `../shared` (the fixtures and sample data beside the repository); the product
+itself never does.
+"""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FIBER_SHARED", REPO.parent / "shared"))
+FIXTURES = SHARED / "fixtures"
+DATA = SHARED / "data"
+
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(FIXTURES))  # make_weights.py / make_weights_fine.py: the weight recipe
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def need_shared():
+    """Skip a test that needs the fixtures when `../shared` is absent (users' clones)."""
+    if not FIXTURES.is_dir():
+        pytest.skip(f"golden fixtures not found at {FIXTURES}")
+
+
+def load_golden(name):
+    need_shared()
+    return torch.load(FIXTURES / f"golden_{name}.pt", weights_only=True)
