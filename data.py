@@ -1,0 +1,618 @@
+"""Data layer of the coarse stage: tokenizer, robust image loading, transforms, MLM masking,
+image-caption datasets (COCO-caption JSON, JSONL, the synthetic world) and the collator.
+
+Every random choice (crop, flip, RandAugment, MLM masking) comes from a torch.Generator seeded
+from (seed, epoch, sample index), never from global RNG state: a resumed run, or the same run
+with a different number of DataLoader workers, sees bit-identical batches.
+"""
+import json
+import logging
+import math
+import posixpath
+import re
+import warnings
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
+from tokenizers import Tokenizer as BPETokenizer
+from tokenizers import decoders, models, pre_tokenizers, processors
+
+from synthetic import SyntheticWorld
+
+log = logging.getLogger("fiber.data")
+
+ROBERTA_DIR = Path(__file__).resolve().parent / "assets" / "roberta"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class BadSample(Exception):
+    """One sample cannot be used (broken image, ...). The loader skips it; training goes on."""
+
+
+class ImageLoadError(BadSample):
+    """An image file could not be turned into an RGB picture; says which file and why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+class AnnotationError(ValueError):
+    """An annotation file is malformed: the message names the file, the entry and the field."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+class Tokenizer:
+    """RoBERTa byte-level BPE: captions -> padded id tensors, char offsets, ids -> text."""
+
+    bos_id, pad_id, eos_id, unk_id, mask_id = 0, 1, 2, 3, 50264
+    word_ids = (4, 50261)  # [low, high): ordinary BPE words, no specials or filler entries
+
+    def __init__(self, bpe: BPETokenizer):
+        self.bpe = bpe
+        self.vocab_size = bpe.get_vocab_size()  # 50265 for roberta-base
+
+    def _encode_raw(self, texts):
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, expected str: {text!r:.60}")
+        return self.bpe.encode_batch(list(texts))
+
+    def _cut(self, seq, max_len):
+        # Truncate the body but keep <s> first and </s> last, as RoBERTa's truncation does.
+        if max_len < 2:
+            raise ValueError(f"max_len must be >= 2 to hold <s> and </s>, got {max_len}")
+        return seq if len(seq) <= max_len else seq[: max_len - 1] + seq[-1:]
+
+    def encode(self, texts, max_len=40):
+        """texts (str or list of str) -> (ids (B,L), mask (B,L)) long, padded with 1 to L=max_len."""
+        texts = [texts] if isinstance(texts, str) else texts
+        ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)  # (B, L)
+        mask = torch.zeros((len(texts), max_len), dtype=torch.long)  # (B, L)
+        for row, enc in enumerate(self._encode_raw(texts)):
+            seq = self._cut(enc.ids, max_len)
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        return ids, mask
+
+    def encode_with_offsets(self, text, max_len=256):
+        """One text -> (ids list, offsets list of (start, end) char spans; (0, 0) for specials).
+
+        Offsets exclude the leading space a BPE word carries, so a phrase span [start, end) of
+        the text maps to the tokens whose offsets overlap it.
+        """
+        enc = self._encode_raw([text])[0]
+        return self._cut(enc.ids, max_len), self._cut(enc.offsets, max_len)
+
+    def decode(self, ids):
+        """Ids (list or 1-D tensor) -> text, without <s>, </s> and padding."""
+        ids = ids.tolist() if torch.is_tensor(ids) else list(ids)
+        return self.bpe.decode(ids, skip_special_tokens=True)
+
+
+def load_tokenizer(path=None):
+    """Build the RoBERTa tokenizer from vocab.json + merges.txt (default: assets/roberta)."""
+    folder = Path(path) if path is not None else ROBERTA_DIR
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    for f in (vocab, merges):
+        if not f.is_file():
+            raise FileNotFoundError(f"{f} is missing: the tokenizer needs vocab.json and "
+                                    f"merges.txt of RoBERTa (shipped in assets/roberta)")
+    bpe = BPETokenizer(models.BPE.from_file(str(vocab), str(merges)))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0), trim_offsets=True)
+    bpe.add_special_tokens(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])  # already in the vocab
+    bpe.encode_special_tokens = True  # a caption saying "<mask>" is text, not a control token
+    return Tokenizer(bpe)
+
+
+# ----------------------------------------------------------------------------- images
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb(im):
+    """Any Pillow mode -> RGB. Transparency is composited onto white (plain .convert('RGB')
+    would expose whatever colour hides under transparent pixels, often black)."""
+    if im.mode in SIXTEEN_BIT_MODES:
+        # Scale 0..65535 to 0..255; Pillow's own convert clips everything above 255 to white.
+        # 32-bit "I" images are assumed to hold 16-bit data (what PNG and TIFF decoders give).
+        grey = np.asarray(im).astype(np.float64) * (255.0 / 65535.0)
+        return Image.fromarray(np.clip(np.rint(grey), 0, 255).astype(np.uint8)).convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def load_image(path, *, max_pixels=None):
+    """Read an image file as PIL RGB, or raise ImageLoadError naming the file and the reason.
+
+    Grey, palette, CMYK and 16-bit images are converted; alpha goes onto white; the EXIF
+    orientation is applied; animated files give their first frame. Images with more pixels
+    than `max_pixels` (default: PIL.Image.MAX_IMAGE_PIXELS) are refused from the header alone.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "file not found" if not path.exists() else "not a file")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(path, "empty file (0 bytes)")
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse instead
+            with Image.open(path) as im:
+                w, h = im.size
+                if limit and w * h > limit:
+                    raise ImageLoadError(path, f"{w}x{h} = {w * h} pixels is over the limit of "
+                                         f"{limit} (decompression-bomb guard); not decoded")
+                im.load()
+                return _to_rgb(ImageOps.exif_transpose(im))
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(path, f"over Pillow's decompression-bomb limit; not decoded ({e})")
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not an image Pillow can read (unknown or wrong format)")
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(path, f"corrupt or truncated image data ({e})")
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def sample_generator(seed, epoch, index, stream):
+    """A torch.Generator for one sample: `stream` keeps augmentation and masking independent."""
+    state = np.random.SeedSequence([seed, epoch, index, stream]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0]))
+
+
+AUGMENT_STREAM, MLM_STREAM = 0, 1
+
+
+def to_normalized_tensor(image):
+    """PIL RGB (H,W) -> float32 tensor (3,H,W) in [0,1], then ImageNet mean/std."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std  # (3, H, W)
+
+
+def swap_left_right(text):
+    """Mirror the spatial words of a caption ('left' <-> 'right', also in 'leftmost')."""
+    def swap(m):
+        word = "right" if m.group(0).lower() == "left" else "left"
+        return word.capitalize() if m.group(0)[0].isupper() else word
+    return re.sub(r"\b(left|right)(?=most\b|\b)", swap, text, flags=re.IGNORECASE)
+
+
+def _uniform(g, low, high):
+    return low + (high - low) * torch.rand((), generator=g).item()
+
+
+def _randint(g, high):
+    return int(torch.randint(high, (), generator=g))
+
+
+def random_resized_crop_box(width, height, scale, g, ratio=(3 / 4, 4 / 3)):
+    """Pick a crop box (left, top, right, bottom) covering `scale` of the area, the
+    RandomResizedCrop recipe: 10 tries at a random area and aspect, else a centre crop."""
+    area = width * height
+    for _ in range(10):
+        target = area * _uniform(g, *scale)
+        aspect = math.exp(_uniform(g, math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = _randint(g, width - w + 1), _randint(g, height - h + 1)
+            return left, top, left + w, top + h
+    # Fallback: the largest centred crop whose aspect lies within `ratio`.
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
+
+
+GREY = (128, 128, 128)  # fill for pixels that geometric ops move in from outside
+
+
+def _affine(image, coeffs):
+    return image.transform(image.size, Image.AFFINE, coeffs, Image.BILINEAR, fillcolor=GREY)
+
+
+# RandAugment as in the original's ALBEF-style list: each op gets the level m = magnitude/10
+# and a random sign s (+1/-1) for the geometric ones. Shear up to 0.3, rotation up to 30
+# degrees, translation up to 10 pixels (absolute, as the original), enhance factor 1.8m + 0.1.
+RANDAUG_OPS = {
+    "Identity": lambda im, m, s: im,
+    "AutoContrast": lambda im, m, s: ImageOps.autocontrast(im),
+    "Equalize": lambda im, m, s: ImageOps.equalize(im),
+    "Brightness": lambda im, m, s: ImageEnhance.Brightness(im).enhance(1.8 * m + 0.1),
+    "Sharpness": lambda im, m, s: ImageEnhance.Sharpness(im).enhance(1.8 * m + 0.1),
+    "ShearX": lambda im, m, s: _affine(im, (1, s * 0.3 * m, 0, 0, 1, 0)),
+    "ShearY": lambda im, m, s: _affine(im, (1, 0, 0, s * 0.3 * m, 1, 0)),
+    "TranslateX": lambda im, m, s: _affine(im, (1, 0, s * 10 * m, 0, 1, 0)),
+    "TranslateY": lambda im, m, s: _affine(im, (1, 0, 0, 0, 1, s * 10 * m)),
+    "Rotate": lambda im, m, s: im.rotate(s * 30 * m, Image.BILINEAR, fillcolor=GREY),
+}
+
+
+def rand_augment(image, g, num_ops=2, magnitude=7):
+    """Draw `num_ops` ops (with replacement); each is applied with probability 1/2."""
+    names = list(RANDAUG_OPS)
+    for _ in range(num_ops):
+        name = names[_randint(g, len(names))]
+        apply, sign = _uniform(g, 0, 1) < 0.5, 1 if _uniform(g, 0, 1) < 0.5 else -1
+        if apply:
+            image = RANDAUG_OPS[name](image, magnitude / 10, sign)
+    return image
+
+
+@dataclass
+class ImageTransform:
+    """PIL RGB + caption -> (tensor (3,S,S), caption). Eval: squash-resize to S x S, bicubic,
+    no crop. Train adds RandomResizedCrop, a flip that mirrors the caption, RandAugment."""
+    size: int = 384  # output side S in pixels
+    train: bool = False  # False: the deterministic eval transform, the rest is ignored
+    crop_scale: tuple | None = (0.5, 1.0)  # area fraction of the random crop; None: no crop
+    flip_prob: float = 0.5  # horizontal flip, which also swaps left/right in the caption
+    randaug_ops: int = 2  # RandAugment ops per image; 0 disables it
+    randaug_magnitude: int = 7  # RandAugment level out of 10
+
+    def __call__(self, image, caption="", generator=None):
+        if not self.train:
+            return to_normalized_tensor(image.resize((self.size, self.size), Image.BICUBIC)), caption
+        if generator is None:
+            raise ValueError("the train transform needs a torch.Generator (see sample_generator)")
+        box = (0, 0, *image.size)
+        if self.crop_scale is not None:
+            box = random_resized_crop_box(*image.size, self.crop_scale, generator)
+        image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+        if _uniform(generator, 0, 1) < self.flip_prob:
+            image, caption = image.transpose(Image.FLIP_LEFT_RIGHT), swap_left_right(caption)
+        if self.randaug_ops:
+            image = rand_augment(image, generator, self.randaug_ops, self.randaug_magnitude)
+        return to_normalized_tensor(image), caption
+
+
+# ----------------------------------------------------------------------------- MLM masking
+
+def mask_tokens(ids, mask, generator, *, mlm_prob=0.15, mask_id=Tokenizer.mask_id,
+                word_ids=Tokenizer.word_ids, special_ids=(0, 1, 2, 3, Tokenizer.mask_id)):
+    """BERT/RoBERTa masking -> (mlm_ids, mlm_labels), same shape as ids.
+
+    Each real token (not special, not padding) is chosen with probability `mlm_prob`; a chosen
+    token becomes <mask> 80% of the time, a random word 10%, and stays itself 10%. Labels hold
+    the original id at chosen positions and -100 (ignored by the loss) everywhere else.
+    """
+    special = torch.isin(ids, torch.tensor(special_ids)) | (mask == 0)
+    probs = torch.full(ids.shape, mlm_prob).masked_fill(special, 0.0)
+    chosen = torch.bernoulli(probs, generator=generator).bool()
+    to_mask = torch.bernoulli(torch.full(ids.shape, 0.8), generator=generator).bool() & chosen
+    to_random = torch.bernoulli(torch.full(ids.shape, 0.5), generator=generator).bool()
+    to_random &= chosen & ~to_mask  # half of the remaining 20%: 10% of the chosen
+    random_words = torch.randint(*word_ids, ids.shape, generator=generator)
+
+    mlm_ids = ids.masked_fill(to_mask, mask_id)
+    mlm_ids = torch.where(to_random, random_words, mlm_ids)
+    mlm_labels = ids.masked_fill(~chosen, -100)
+    return mlm_ids, mlm_labels
+
+
+# ----------------------------------------------------------------------------- annotations
+
+@dataclass(frozen=True)
+class Pair:
+    """One training pair: `image` is a file path, or a scene index of the synthetic world."""
+    image: str | int
+    caption: str
+
+
+def read_json(path):
+    """Parse a JSON file; a syntax error names the file, line and column."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        raise AnnotationError(f"{path}: annotation file not found")
+    except UnicodeDecodeError as e:
+        raise AnnotationError(f"{path}: not UTF-8 text ({e})")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise AnnotationError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: "
+                              f"{e.msg}")
+
+
+def _field(entry, name, types, where):
+    """entry[name], checked to be one of `types`, or an AnnotationError saying what is wrong."""
+    if not isinstance(entry, dict):
+        raise AnnotationError(f"{where}: expected an object, got {type(entry).__name__}")
+    if name not in entry:
+        raise AnnotationError(f"{where}: missing field '{name}'")
+    value = entry[name]
+    if not isinstance(value, types) or isinstance(value, bool):
+        wanted = " or ".join(t.__name__ for t in types)
+        raise AnnotationError(f"{where}: field '{name}' must be {wanted}, "
+                              f"got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def resolve_image_path(root, name, where, *, allow_outside_root=False):
+    """root / name, refusing absolute names and names that climb out of root with '..'."""
+    if not allow_outside_root:
+        if Path(name).is_absolute():
+            raise AnnotationError(f"{where}: absolute image path {name!r} refused; give paths "
+                                  f"relative to {root} or pass allow_outside_root=True")
+        if posixpath.normpath(name.replace("\\", "/")).split("/")[0] == "..":
+            raise AnnotationError(f"{where}: image path {name!r} leaves the image root {root}; "
+                                  f"refused (pass allow_outside_root=True to allow it)")
+    return str(Path(root) / name)
+
+
+def _caption_pair(image, caption, where, empty):
+    """A Pair, or None (noted in `empty`) for a blank caption, which teaches nothing."""
+    if not caption.strip():
+        empty.append(where)
+        return None
+    return Pair(image, caption)
+
+
+def _report_empty(path, empty):
+    if empty:
+        log.warning(f"{path}: skipped {len(empty)} empty caption(s), first at {empty[0]}")
+
+
+def load_coco_captions(path, image_root=None, *, allow_outside_root=False):
+    """COCO-caption JSON ('images': id, file_name; 'annotations': image_id, caption) -> pairs.
+    Image files are looked up under `image_root` (default: the JSON file's folder)."""
+    data = read_json(path)
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    for key in ("images", "annotations"):
+        if not isinstance(data, dict) or not isinstance(data.get(key), list):
+            raise AnnotationError(f"{path}: top level must be an object with a list '{key}' "
+                                  f"(COCO caption format)")
+    files = {}
+    for k, entry in enumerate(data["images"]):
+        where = f"{path}: images[{k}]"
+        name = _field(entry, "file_name", (str,), where)
+        files[_field(entry, "id", (int, str), where)] = resolve_image_path(
+            root, name, where, allow_outside_root=allow_outside_root)
+    pairs, empty = [], []
+    for k, entry in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{k}]"
+        image_id = _field(entry, "image_id", (int, str), where)
+        caption = _field(entry, "caption", (str,), where)
+        if image_id not in files:
+            raise AnnotationError(f"{where}: image_id {image_id!r} is not listed in 'images'")
+        pairs.append(_caption_pair(files[image_id], caption, where, empty))
+    _report_empty(path, empty)
+    return [p for p in pairs if p is not None]
+
+
+def load_jsonl_captions(path, image_root=None, *, allow_outside_root=False):
+    """JSON lines {"image": path, "caption": text} -> pairs. Image paths are relative to
+    `image_root` (default: the JSONL file's folder). Blank lines are ignored."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (FileNotFoundError, IsADirectoryError):
+        raise AnnotationError(f"{path}: annotation file not found")
+    root = Path(image_root) if image_root is not None else Path(path).parent
+    pairs, empty = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{path}: invalid JSON at line {number}, column {e.colno}: "
+                                  f"{e.msg}")
+        where = f"{path}: line {number}"
+        caption = _field(entry, "caption", (str,), where)
+        image = resolve_image_path(root, _field(entry, "image", (str,), where), where,
+                                   allow_outside_root=allow_outside_root)
+        pairs.append(_caption_pair(image, caption, where, empty))
+    _report_empty(path, empty)
+    return [p for p in pairs if p is not None]
+
+
+# ----------------------------------------------------------------------------- datasets
+
+class CaptionDataset(torch.utils.data.Dataset):
+    """One item per caption: {"image": (3,S,S) float, "caption": str, "index": int, "epoch"}.
+
+    `read_image(pair.image)` gives a PIL RGB picture or raises BadSample. The train transform
+    draws from a generator seeded by (seed, epoch, index): call set_epoch(e) before each
+    epoch (DataLoader workers must not be persistent, so that they see the new epoch).
+    """
+
+    def __init__(self, pairs, *, transform, read_image=load_image, seed=0, name=""):
+        self.pairs = list(pairs)
+        self.transform, self.read_image = transform, read_image
+        self.seed, self.epoch, self.name = seed, 0, name
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    @property
+    def captions(self):
+        return [p.caption for p in self.pairs]
+
+    @property
+    def image_keys(self):
+        """Per item, what identifies its image: items sharing a key show the same picture."""
+        return [p.image for p in self.pairs]
+
+    def _load(self, index, transform):
+        pair = self.pairs[index]
+        generator = sample_generator(self.seed, self.epoch, index, AUGMENT_STREAM)
+        return transform(self.read_image(pair.image), pair.caption, generator)
+
+    def __getitem__(self, index):
+        image, caption = self._load(index, self.transform)
+        return {"image": image, "caption": caption, "index": index, "epoch": self.epoch}
+
+    def load_image_tensor(self, index, train=None):
+        """The image of item `index` as (3,S,S). train=None: this dataset's own transform (the
+        same view __getitem__ gave this epoch); False: the eval transform; True: augmented."""
+        transform = self.transform
+        if train is not None and train != transform.train:
+            transform = ImageTransform(size=transform.size, train=train)
+        return self._load(index, transform)[0]
+
+    def load_images(self, indices):
+        """Images of several items -> (n,3,S,S); the ITM queue re-reads hard negatives so."""
+        return torch.stack([self.load_image_tensor(int(i)) for i in indices])
+
+
+class SkipBadSamples(torch.utils.data.Dataset):
+    """Wraps a dataset: an item that raises BadSample becomes None, with a one-line warning.
+    Every other attribute (set_epoch, load_images, captions, ...) is the wrapped dataset's."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except BadSample as e:
+            log.warning(f"skipping sample {index}: {e}")
+            return None
+
+    def __getattr__(self, name):
+        if name == "dataset":  # not set yet (e.g. while unpickling): avoid endless recursion
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+AUGMENTATIONS = {  # train-time augmentation presets, as ImageTransform overrides
+    "full": {},  # random crop 0.5-1, flip with caption mirroring, RandAugment(2, 7)
+    "flip": {"crop_scale": None, "randaug_ops": 0},  # flip only
+    "none": {"crop_scale": None, "randaug_ops": 0, "flip_prob": 0.0},
+}
+
+
+def _render_scene(world, size, index):
+    return world.scene(index).render(size)
+
+
+def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384, train=True,
+                           seed=0, image_root=None, allow_outside_root=False, augment=None,
+                           skip_bad=True, world=None):
+    """Image-caption pairs for pre-training, from "synthetic" or a .json / .jsonl file.
+
+    split: for "synthetic", the scene range (train/val/test); a file is one split by itself.
+    augment: "full", "flip" or "none" when train=True. Default "full" for files and "flip"
+    for the synthetic world, whose captions name every object and colour: a crop can cut an
+    object out and colour ops can shift a named colour, which would make the caption false.
+    skip_bad: wrap in SkipBadSamples, so unreadable images become None for the collator.
+    """
+    if source == "synthetic":
+        world = world if world is not None else SyntheticWorld(seed=0)
+        pairs = [Pair(i, c) for i in world.split_range(split) for c in world.captions(i)]
+        read_image, default_augment = partial(_render_scene, world, image_size), "flip"
+    else:
+        loaders = {".json": load_coco_captions, ".jsonl": load_jsonl_captions}
+        if Path(source).suffix not in loaders:
+            raise ValueError(f"source {source!r}: expected 'synthetic', a COCO-caption .json "
+                             f"or a .jsonl file")
+        pairs = loaders[Path(source).suffix](source, image_root,
+                                             allow_outside_root=allow_outside_root)
+        read_image, default_augment = load_image, "full"
+    augment = augment or default_augment
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r}: choose one of {sorted(AUGMENTATIONS)}")
+    transform = ImageTransform(size=image_size, train=train, **AUGMENTATIONS[augment])
+    dataset = CaptionDataset(pairs, transform=transform, read_image=read_image, seed=seed,
+                             name=str(source))
+    return SkipBadSamples(dataset) if skip_bad else dataset
+
+
+# ----------------------------------------------------------------------------- batching
+
+class PretrainCollator:
+    """Items (None for skipped bad samples) -> the pre-training batch.
+
+    Keys: images (B,3,S,S) float32, text_ids / text_mask / mlm_ids / mlm_labels (B,L) long,
+    index (B,) long, captions (list of str), num_samples and num_skipped (ints). The MLM mask
+    of an item depends only on (seed, epoch, index). If every item was bad, the batch holds
+    only the two counts. `skipped` / `seen` count in this process only: with DataLoader
+    workers, sum num_skipped from the batches instead (SkipTracker does).
+    """
+
+    def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, seed=0):
+        self.tokenizer, self.max_len, self.mlm_prob, self.seed = tokenizer, max_len, mlm_prob, seed
+        self.seen = self.skipped = 0
+
+    def _mask(self, ids, mask, items):
+        mlm_ids, mlm_labels = ids.clone(), torch.full_like(ids, -100)  # (B, L)
+        for row, item in enumerate(items):
+            g = sample_generator(self.seed, item.get("epoch", 0), item["index"], MLM_STREAM)
+            mlm_ids[row], mlm_labels[row] = mask_tokens(
+                ids[row], mask[row], g, mlm_prob=self.mlm_prob, mask_id=self.tokenizer.mask_id,
+                word_ids=self.tokenizer.word_ids)
+        return mlm_ids, mlm_labels
+
+    def __call__(self, items):
+        good = [item for item in items if item is not None]
+        batch = {"num_samples": len(items), "num_skipped": len(items) - len(good)}
+        self.seen, self.skipped = self.seen + len(items), self.skipped + batch["num_skipped"]
+        if not good:
+            return batch
+        captions = [item["caption"] for item in good]
+        ids, mask = self.tokenizer.encode(captions, self.max_len)  # (B, L) each
+        mlm_ids, mlm_labels = self._mask(ids, mask, good)
+        batch.update(images=torch.stack([item["image"] for item in good]).float(),
+                     text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=mlm_labels,
+                     index=torch.tensor([item["index"] for item in good], dtype=torch.long),
+                     captions=captions)
+        return batch
+
+
+class TooManyBadSamples(RuntimeError):
+    """More samples were unreadable than the run allows."""
+
+
+class SkipTracker:
+    """Counts skipped samples per epoch from the batches and stops a run drowning in bad data.
+
+    update(batch) returns whether the batch has anything to train on; it raises
+    TooManyBadSamples once at least `min_samples` were seen and the skipped fraction is above
+    `max_fraction`. end_epoch() checks the whole epoch, returns a summary line and resets.
+    """
+
+    def __init__(self, max_fraction=0.05, min_samples=256):
+        self.max_fraction, self.min_samples = max_fraction, min_samples
+        self.seen = self.skipped = 0
+
+    def _check(self):
+        if self.seen and self.skipped > self.max_fraction * self.seen:
+            raise TooManyBadSamples(
+                f"{self.skipped} of {self.seen} samples ({self.skipped / self.seen:.1%}) could "
+                f"not be read this epoch, above the allowed {self.max_fraction:.1%}; fix the "
+                f"data (the warnings name each file) or raise the allowed fraction")
+
+    def update(self, batch):
+        self.seen += batch["num_samples"]
+        self.skipped += batch["num_skipped"]
+        if self.seen >= self.min_samples:
+            self._check()
+        return "images" in batch
+
+    def end_epoch(self):
+        self._check()
+        line = f"skipped {self.skipped} of {self.seen} samples"
+        self.seen = self.skipped = 0
+        return line
