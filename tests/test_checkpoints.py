@@ -1,0 +1,609 @@
+"""Checkpoint file machinery: safe unpickling, safetensors, atomic writes, download and cache.
+
+All network traffic goes to a local server on 127.0.0.1 (see ckpt_fakes.FakeServer); a guard
+fixture makes any other connection attempt fail the test.
+"""
+import errno
+import hashlib
+import json
+import os
+import pickle
+import socket
+import struct
+
+import pytest
+import torch
+
+import checkpoints as ck
+from ckpt_fakes import (
+    ExecPayload,
+    FakeServer,
+    ShellPayload,
+    harmless_but_unlisted_class,
+    lightning_classes,
+)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only(monkeypatch, tmp_path):
+    """Fail on any connection that is not to 127.0.0.1, and isolate the cache and mirror."""
+    real_connect = socket.socket.connect
+
+    def guarded(self, address):
+        if self.family in (socket.AF_INET, socket.AF_INET6) and address[0] != "127.0.0.1":
+            raise AssertionError(f"test tried to reach {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setenv("FIBER_CACHE", str(tmp_path / "env_cache"))
+    monkeypatch.delenv("FIBER_BASE_URL", raising=False)
+
+
+@pytest.fixture
+def server():
+    srv = FakeServer().start()
+    yield srv
+    srv.stop()
+
+
+def sample_state_dict():
+    g = torch.Generator().manual_seed(0)
+    return {
+        "vit_model.patch_embed.proj.weight": torch.randn(8, 3, 4, 4, generator=g),
+        "text_transformer.embeddings.word_embeddings.weight": torch.randn(11, 8, generator=g),
+        "itm_score.fc.bias": torch.randn(2, generator=g).to(torch.bfloat16),
+        "vit_model.layers.0.blocks.0.attn.relative_position_index": torch.arange(9).view(3, 3),
+        "queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
+
+
+def assert_same_tensors(got, want):
+    assert list(got) == list(want)
+    for key in want:
+        assert type(got[key]) is torch.Tensor, key
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert torch.equal(got[key], want[key]), key
+
+
+def bits(t):
+    """Raw bytes of a tensor, so NaNs and -0.0 compare exactly."""
+    return bytes(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe reading of torch.save files
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_plain_state_dict(tmp_path, mmap):
+    sd = sample_state_dict()
+    saved = dict(sd, **{"head.weight": torch.nn.Parameter(torch.ones(2, 2))})
+    torch.save(saved, tmp_path / "plain.pt")
+    got = ck.read_state_file(tmp_path / "plain.pt", mmap=mmap)
+    assert (got.format, got.container, got.extra) == ("torch-zip", "plain", {})
+    assert_same_tensors(got.tensors, {**sd, "head.weight": torch.ones(2, 2)})
+
+
+def test_legacy_torch_format(tmp_path):
+    sd = sample_state_dict()
+    torch.save(sd, tmp_path / "old.bin", _use_new_zipfile_serialization=False)
+    got = ck.read_state_file(tmp_path / "old.bin")
+    assert (got.format, got.container) == ("torch-legacy", "plain")
+    assert_same_tensors(got.tensors, sd)
+
+
+def test_lightning_ckpt_with_allow_listed_classes(tmp_path, monkeypatch):
+    pl = lightning_classes(monkeypatch)
+    config = pl.ReadOnlyDict(
+        image_size=384, datasets=pl.ReadOnlyList(["coco", "vg"]),
+        loss_names=pl.ReadOnlyDict(itm=1, mlm=1),
+    )
+    sd = sample_state_dict()
+    torch.save({
+        "epoch": 3,
+        "global_step": 1200,
+        "pytorch-lightning_version": "1.3.2",
+        "state_dict": sd,
+        "hyper_parameters": pl.AttributeDict(config=config),
+        "callbacks": {pl.ModelCheckpoint: {"best_model_score": torch.tensor(0.5)}},
+        "optimizer_states": [{"state": {0: {"step": 3}}, "param_groups": [{"lr": 1e-5}]}],
+    }, tmp_path / "fiber.ckpt")
+
+    got = ck.read_state_file(tmp_path / "fiber.ckpt")
+
+    assert got.container == "lightning"
+    assert_same_tensors(got.tensors, sd)
+    assert got.extra["epoch"] == 3 and got.extra["global_step"] == 1200
+    hparams = got.extra["hyper_parameters"]
+    assert type(hparams) is dict and type(hparams["config"]) is dict
+    assert hparams["config"] == {"image_size": 384, "datasets": ["coco", "vg"],
+                                 "loss_names": {"itm": 1, "mlm": 1}}
+    assert type(hparams["config"]["datasets"]) is list
+    key = "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"
+    assert got.extra["callbacks"][key]["best_model_score"].item() == 0.5
+    assert got.extra["optimizer_states"][0]["param_groups"][0]["lr"] == 1e-5
+
+
+def test_lightning_ckpt_with_unlisted_class_is_refused(tmp_path, monkeypatch):
+    pl = lightning_classes(monkeypatch)
+    Config = harmless_but_unlisted_class(monkeypatch)
+    path = tmp_path / "odd.ckpt"
+    torch.save({"state_dict": sample_state_dict(),
+                "hyper_parameters": pl.AttributeDict(config=Config(lr=1e-5))}, path)
+    with pytest.raises(ck.UnsafeCheckpointError) as info:
+        ck.read_state_file(path)
+    assert info.value.global_names == ["some_trainer.config.Config"]
+    assert "some_trainer.config.Config" in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("payload, global_name", [
+    (ShellPayload, "posix.system"),
+    (ExecPayload, "builtins.exec"),
+])
+@pytest.mark.parametrize("legacy", [False, True])
+def test_code_in_pickle_is_refused_and_never_runs(tmp_path, monkeypatch, payload, global_name,
+                                                  legacy):
+    # torch's switch that turns weights_only off where a caller did not ask for it explicitly
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(1)}, "extra": payload(marker)}, path,
+               _use_new_zipfile_serialization=not legacy)
+
+    with pytest.raises(ck.UnsafeCheckpointError) as info:
+        ck.read_state_file(path)
+
+    assert not marker.exists()
+    assert global_name in info.value.global_names
+    assert global_name in str(info.value) and str(path) in str(info.value)
+    # Control: the payload is live; an unrestricted unpickler does run it.
+    control = tmp_path / "control_marker"
+    pickle.loads(pickle.dumps(payload(control)))
+    assert control.exists()
+
+
+def test_fine_grained_pth_with_model_key(tmp_path):
+    sd = {f"module.{k}": v for k, v in sample_state_dict().items()}
+    ema = {k: v.clone() for k, v in sd.items()}
+    torch.save({"model": sd, "model_ema": ema, "iteration": 10,
+                "optimizer": {"state": {}, "param_groups": []},
+                "scheduler": {"milestones": [5, 8], "warmup_method": "linear"}},
+               tmp_path / "fiber_coco.pth")
+    got = ck.read_state_file(tmp_path / "fiber_coco.pth")
+    assert got.container == "model"
+    assert_same_tensors(ck.strip_prefix(got.tensors, "module."), sample_state_dict())
+    assert got.extra["iteration"] == 10
+    assert set(got.extra) == {"model_ema", "iteration", "optimizer", "scheduler"}
+
+
+def test_hf_roberta_layout_and_prefix_utilities(tmp_path):
+    hf = {"roberta.embeddings.word_embeddings.weight": torch.randn(5, 4),
+          "roberta.encoder.layer.0.attention.self.query.weight": torch.randn(4, 4),
+          "lm_head.dense.weight": torch.randn(4, 4)}
+    torch.save(hf, tmp_path / "pytorch_model.bin")
+    got = ck.read_state_file(tmp_path / "pytorch_model.bin")
+    assert got.container == "plain"
+
+    bare = ck.strip_prefix(got.tensors, "roberta.")
+    assert list(bare) == ["embeddings.word_embeddings.weight",
+                          "encoder.layer.0.attention.self.query.weight", "lm_head.dense.weight"]
+    assert list(ck.select_prefix(got.tensors, "roberta.")) == list(bare)[:2]
+    assert ck.add_prefix(ck.select_prefix(got.tensors, "roberta."), "roberta.").keys() == {
+        k for k in hf if k.startswith("roberta.")}
+    with pytest.raises(KeyError, match="collide"):
+        ck.strip_prefix({"module.a": 1, "a": 2}, "module.")
+
+
+def test_non_tensor_values_among_weights_are_set_aside(tmp_path):
+    torch.save({"state_dict": {"w": torch.ones(2), "version": 2}}, tmp_path / "m.ckpt")
+    got = ck.read_state_file(tmp_path / "m.ckpt")
+    assert list(got.tensors) == ["w"] and got.extra["non_tensor_entries"] == {"version": 2}
+
+
+def _damage(kind, path):
+    """Write a damaged checkpoint of the given kind to `path`."""
+    good = tmp_bytes = None
+    if kind.startswith("truncated"):
+        torch.save(sample_state_dict(), path, _use_new_zipfile_serialization=kind != "truncated_legacy")
+        good = path.read_bytes()
+        cut = {"truncated_head": 30, "truncated_half": len(good) // 2,
+               "truncated_tail": len(good) - 60, "truncated_legacy": len(good) - 100}[kind]
+        tmp_bytes = good[:cut]
+    elif kind == "empty":
+        tmp_bytes = b""
+    elif kind == "random":
+        tmp_bytes = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
+                                        dtype=torch.uint8).tolist())
+    elif kind == "random_pickle_start":
+        tmp_bytes = b"\x80\x02" + bytes(range(256)) * 4
+    elif kind == "html":
+        tmp_bytes = b"<html><body>403 Forbidden: public access is not permitted</body></html>"
+    elif kind == "list":
+        torch.save([torch.ones(2)], path)
+        return
+    path.write_bytes(tmp_bytes)
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated_head", "truncated_half", "truncated_tail",
+                                  "truncated_legacy", "random", "random_pickle_start", "html",
+                                  "list"])
+def test_damaged_files_give_clear_errors(tmp_path, kind):
+    path = tmp_path / f"{kind}.ckpt"
+    _damage(kind, path)
+    with pytest.raises(ck.CheckpointError) as info:
+        ck.read_state_file(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope.ckpt")):
+        ck.read_state_file(tmp_path / "nope.ckpt")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(IsADirectoryError) as info:
+        ck.read_state_file(tmp_path / "hf")
+    assert str(tmp_path / "hf") in str(info.value) and "model.safetensors" in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# safetensors
+
+def all_dtype_tensors():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, generator=g) * 100
+    out = {f"t_{name}": base.to(dtype) for name, dtype in ck.SAFETENSORS_DTYPES.items()
+           if dtype.is_floating_point}
+    for name in ("I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64"):
+        out[f"t_{name}"] = torch.arange(-7, 8).view(3, 5).abs().to(ck.SAFETENSORS_DTYPES[name])
+    out["t_BOOL"] = base > 0
+    out["nan_and_neg_zero"] = torch.tensor([float("nan"), -0.0, float("inf")])
+    return out
+
+
+def test_safetensors_round_trip_is_bit_identical(tmp_path):
+    big = torch.randn(6, 4)
+    tensors = {
+        **all_dtype_tensors(),
+        "transposed": big.t(),  # non-contiguous
+        "strided": big[::2, 1:3],
+        "scalar": torch.tensor(3.5, dtype=torch.bfloat16),
+        "empty": torch.empty(0, dtype=torch.float16),
+        "empty_2d": torch.empty(2, 0, 3),
+        "weird name/with.dots": torch.ones(1, dtype=torch.int8),
+    }
+    path = ck.write_safetensors(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    back = ck.read_safetensors(path)
+    assert back.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and back[name].shape == t.shape, name
+        assert bits(back[name]) == bits(t), name
+    assert ck.safetensors_metadata(path) == {"format": "pt"}
+    got = ck.read_state_file(path)
+    assert (got.format, got.container, got.extra) == ("safetensors", "plain",
+                                                      {"metadata": {"format": "pt"}})
+
+
+def test_safetensors_layout_matches_the_reference_writer(tmp_path):
+    path = ck.write_safetensors({"b": torch.ones(3, dtype=torch.uint8), "a": torch.ones(2),
+                                 "c": torch.ones(1, dtype=torch.float64)}, tmp_path / "x.safetensors")
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header_text = raw[8:8 + n]
+    assert n % 8 == 0 and header_text.rstrip(b" ").endswith(b"}")  # padded with spaces
+    header = json.loads(header_text)
+    assert "__metadata__" not in header  # only written when given
+    # largest element size first, so every tensor is aligned to its element size
+    assert [header[k]["data_offsets"] for k in ("c", "a", "b")] == [[0, 8], [8, 16], [16, 19]]
+    assert len(raw) == 8 + n + 19
+
+
+def handmade_safetensors(path, entries, data, header_extra=None, pad=b""):
+    """Write a safetensors file from a hand-written header (no use of the code under test)."""
+    header = json.dumps({**(header_extra or {}), **entries}).encode() + pad
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+def test_reads_hand_built_file_with_unaligned_tensor(tmp_path):
+    u8 = bytes([1, 2, 3])
+    f32 = struct.pack("<3f", 1.5, -2.0, 1e-3)
+    bf16 = struct.pack("<2H", 0x3F80, 0xC000)  # 1.0, -2.0 in bfloat16
+    i64 = struct.pack("<2q", -5, 2**40)
+    entries = {
+        "u8": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "f32": {"dtype": "F32", "shape": [3, 1], "data_offsets": [3, 15]},  # unaligned
+        "bf16": {"dtype": "BF16", "shape": [2], "data_offsets": [15, 19]},
+        "i64": {"dtype": "I64", "shape": [2], "data_offsets": [19, 35]},
+        "flag": {"dtype": "BOOL", "shape": [], "data_offsets": [35, 36]},
+    }
+    path = handmade_safetensors(tmp_path / "hand.safetensors", entries,
+                                u8 + f32 + bf16 + i64 + b"\x01",
+                                header_extra={"__metadata__": {"source": "hand"}}, pad=b"   ")
+    got = ck.read_safetensors(path)
+    assert got["u8"].tolist() == [1, 2, 3]
+    assert got["f32"].shape == (3, 1) and got["f32"].flatten().tolist() == list(
+        struct.unpack("<3f", f32))
+    assert got["bf16"].dtype == torch.bfloat16 and got["bf16"].tolist() == [1.0, -2.0]
+    assert got["i64"].tolist() == [-5, 2**40]
+    assert got["flag"].shape == () and got["flag"].item() is True
+    assert ck.safetensors_metadata(path) == {"source": "hand"}
+
+
+def _f32(offsets, shape=(2,)):
+    return {"dtype": "F32", "shape": list(shape), "data_offsets": list(offsets)}
+
+
+@pytest.mark.parametrize("entries, data, expected", [
+    ({"a": _f32([0, 8]), "b": _f32([4, 12])}, bytes(12), "overlaps"),
+    ({"a": _f32([0, 8]), "b": _f32([12, 20])}, bytes(20), "gap"),
+    ({"a": _f32([0, 8])}, bytes(4), "impossible|cover|data_offsets"),
+    ({"a": _f32([0, 12])}, bytes(12), "needs 8"),
+    ({"a": _f32([0, 8])}, bytes(16), "appended"),
+    ({"a": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}, bytes(8), "not supported"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8), "shape"),
+    ({"a": {"dtype": "F32", "shape": [2]}}, bytes(8), "exactly the fields"),
+    ({"a": _f32([8, 0])}, bytes(8), "needs 8"),
+])
+def test_invalid_safetensors_are_rejected(tmp_path, entries, data, expected):
+    path = handmade_safetensors(tmp_path / "bad.safetensors", entries, data)
+    with pytest.raises(ck.CheckpointError, match=expected) as info:
+        ck.read_safetensors(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("raw, expected", [
+    (struct.pack("<Q", 10**12) + b"{}", "impossible"),
+    (struct.pack("<Q", 4) + b"{no}", "not valid JSON"),
+    (struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    (struct.pack("<Q", 24) + b'{"__metadata__":{"a":1}}', "strings to strings"),
+    (struct.pack("<Q", 21) + b'{"__metadata__":[1]} ', "strings to strings"),
+    (b"\x05\x00", "too short"),
+])
+def test_broken_safetensors_headers(tmp_path, raw, expected):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(raw)
+    with pytest.raises(ck.CheckpointError, match=expected):
+        ck.read_safetensors(path)
+
+
+def test_duplicate_header_keys_are_rejected(tmp_path):
+    header = b'{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},' \
+             b'"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]}}'
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00")
+    with pytest.raises(ck.CheckpointError, match="duplicate"):
+        ck.read_safetensors(path)
+
+
+def test_write_safetensors_rejects_what_it_cannot_store(tmp_path):
+    with pytest.raises(TypeError, match="complex64"):
+        ck.write_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.st")
+    with pytest.raises(TypeError, match="metadata"):
+        ck.write_safetensors({"a": torch.zeros(1)}, tmp_path / "z.st", metadata={"epoch": 3})
+    assert not (tmp_path / "z.st").exists()
+
+
+def test_byte_swap_helper_reverses_each_element():
+    t = torch.tensor([1.0, -2.5], dtype=torch.float32)
+    swapped = ck._swap_bytes(t)
+    assert bits(swapped) == b"".join(struct.pack(">f", v) for v in (1.0, -2.5))
+    assert torch.equal(ck._swap_bytes(swapped), t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+
+def leftovers(directory):
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_save_writes_and_replaces(tmp_path):
+    path = tmp_path / "sub" / "last.ckpt"
+    ck.atomic_save({"w": torch.ones(2)}, path)
+    ck.atomic_save({"w": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.zeros(3))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert leftovers(path.parent) == []
+
+
+def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    ck.atomic_save({"step": 1}, path)
+    before = path.read_bytes()
+
+    def full_disk_save(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    with pytest.raises(ck.CheckpointWriteError) as info:
+        ck.atomic_save({"step": 2}, path)
+    assert info.value.errno == errno.ENOSPC
+    assert "previous file" in str(info.value) and str(path) in str(info.value)
+    assert path.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_fsync_keeps_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "data.bin"
+    ck.atomic_write_bytes(b"old", path)
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(ck.CheckpointWriteError, match="kept unchanged"):
+        ck.atomic_write_bytes(b"new", path)
+    monkeypatch.undo()
+    assert path.read_bytes() == b"old" and leftovers(tmp_path) == []
+
+
+def test_non_os_errors_keep_their_type_and_clean_up(tmp_path):
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)) as info:
+        ck.atomic_save({"f": lambda: 0}, tmp_path / "new.ckpt")
+    assert any("nothing was written" in note for note in info.value.__notes__)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Releases, download and cache
+
+def test_release_table_covers_the_published_files():
+    coarse = ["fiber_pretrain", "fiber_coco_irtr_itc", "fiber_coco_irtr_itm",
+              "fiber_f30k_irtr_itc", "fiber_f30k_irtr_itm", "fiber_vqa", "fiber_nlvr2",
+              "fiber_coco_caption"]
+    fine = ["fiber_coarse_then_fine", "fiber_coco", "fiber_lvis", "fiber_refcoco",
+            "fiber_refcocoplus", "fiber_refcocog", "fiber_coarse_init"]
+    assert set(coarse + fine) <= set(ck.RELEASES)
+    assert all(ck.RELEASES[n].kind == "coarse" for n in coarse)
+    assert all(ck.RELEASES[n].kind == "fine" for n in fine)
+    assert ck.RELEASES["fiber_vqa"].url_path == "coarse_grained/fiber_vqa.ckpt"
+    assert ck.RELEASES["fiber_refcocoplus"].url_path == "fine_grained/fiber_refcoco%2B.pth"
+    assert ck.RELEASES["fiber_refcocoplus"].filename == "fiber_refcoco+.pth"
+    assert ck.RELEASES["fiber_coarse_init"].url_path == "coarse_grained/fiber_coarse_init.pt"
+    filenames = [r.filename for r in ck.RELEASES.values()]
+    assert len(set(filenames)) == len(filenames)  # one cache directory holds them all
+
+
+def fake_checkpoint_bytes(tmp_path, n=20000):
+    path = tmp_path / "src.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(n, dtype=torch.float32)}, "epoch": 1}, path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def vqa(server, tmp_path):
+    """fiber_vqa served by the fake server; returns (bytes, cache dir)."""
+    data = fake_checkpoint_bytes(tmp_path)
+    server.files["/coarse_grained/fiber_vqa.ckpt"] = data
+    return data, tmp_path / "cache"
+
+
+def test_download_then_cached(server, vqa):
+    data, cache = vqa
+    path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=True)
+    assert path == cache / "fiber_vqa.ckpt" and path.read_bytes() == data
+    assert server.requests == [("/coarse_grained/fiber_vqa.ckpt", None)]
+    assert ck.download("fiber_vqa", cache_dir=cache, base_url=server.url) == path
+    assert len(server.requests) == 1  # served from the cache
+    assert sorted(p.name for p in cache.iterdir()) == ["fiber_vqa.ckpt", "fiber_vqa.ckpt.lock"]
+
+
+def test_interrupted_download_resumes_with_range(server, vqa):
+    data, cache = vqa
+    server.cuts, server.cut_after = 1, 5000
+    path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    assert [r for _, r in server.requests] == [None, "bytes=5000-"]
+    assert path.read_bytes() == data
+
+
+def test_resume_across_calls(server, vqa):
+    data, cache = vqa
+    server.cuts, server.cut_after = 1, 7000
+    with pytest.raises(ck.DownloadError) as info:
+        ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False,
+                    retries=0)
+    part = cache / "fiber_vqa.ckpt.part"
+    assert part.stat().st_size == 7000 and str(part) in str(info.value)
+    assert not (cache / "fiber_vqa.ckpt").exists()
+
+    path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    assert server.requests[-1][1] == "bytes=7000-"
+    assert path.read_bytes() == data and not part.exists()
+
+
+def test_server_ignoring_range_restarts_from_zero(server, vqa):
+    data, cache = vqa
+    server.cuts, server.cut_after, server.ignore_range = 1, 3000, True
+    path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    assert [r for _, r in server.requests] == [None, "bytes=3000-"]  # asked, got a 200
+    assert path.read_bytes() == data
+
+
+def test_complete_part_file_is_not_fetched_again(server, vqa):
+    data, cache = vqa
+    cache.mkdir()
+    (cache / "fiber_vqa.ckpt.part").write_bytes(data)  # e.g. killed before the final rename
+    path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    assert server.requests == [("/coarse_grained/fiber_vqa.ckpt", f"bytes={len(data)}-")]
+    assert path.read_bytes() == data
+
+
+def test_corrupted_download_is_detected_and_not_cached(server, vqa):
+    data, cache = vqa
+    server.corrupt_at = len(data) // 2  # inside the tensor bytes; the size stays right
+    with pytest.raises(ck.DownloadError, match="CRC") as info:
+        ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    target = cache / "fiber_vqa.ckpt"
+    assert f"put it at:\n    {target}" in str(info.value)
+    assert info.value.cache_path == target
+    assert not target.exists() and not (cache / "fiber_vqa.ckpt.part").exists()
+
+
+def test_refused_access_says_where_to_put_the_file(server, vqa):
+    _, cache = vqa
+    server.status = 403
+    with pytest.raises(ck.DownloadError) as info:
+        ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
+    message = str(info.value)
+    assert "HTTP 403" in message and str(cache / "fiber_vqa.ckpt") in message
+    assert "FIBER_BASE_URL" in message and "coarse_grained/fiber_vqa.ckpt" in message
+    assert not (cache / "fiber_vqa.ckpt").exists()
+
+
+def test_known_size_and_sha256_are_checked(server, tmp_path, monkeypatch):
+    data = fake_checkpoint_bytes(tmp_path)
+    server.files["/test/tiny.ckpt"] = data
+    good = hashlib.sha256(data).hexdigest()
+    for name, release_extra, error in [
+        ("ok", {"sha256": good, "size": len(data)}, None),
+        ("bad_sha", {"sha256": "0" * 64}, "sha256"),
+        ("bad_size", {"size": len(data) + 1}, "bytes instead of"),
+    ]:
+        release = ck.Release(filename=f"{name}.ckpt", url_path="test/tiny.ckpt", kind="coarse",
+                             description="test file", **release_extra)
+        monkeypatch.setitem(ck.RELEASES, name, release)
+        call = lambda: ck.download(name, cache_dir=tmp_path / "c", base_url=server.url,
+                                   progress=False)
+        if error is None:
+            assert call().read_bytes() == data
+        else:
+            with pytest.raises(ck.DownloadError, match=error):
+                call()
+            assert not (tmp_path / "c" / f"{name}.ckpt").exists()
+
+
+def test_environment_variables_choose_cache_and_mirror(server, vqa, monkeypatch, tmp_path):
+    data, _ = vqa
+    monkeypatch.setenv("FIBER_BASE_URL", server.url + "/")
+    monkeypatch.setenv("FIBER_CACHE", str(tmp_path / "from_env"))
+    path = ck.download("fiber_vqa", progress=False)
+    assert path == tmp_path / "from_env" / "fiber_vqa.ckpt" and path.read_bytes() == data
+    assert ck.cache_path("fiber_vqa") == path
+
+
+def test_resolve_and_load_checkpoint(server, vqa, tmp_path):
+    data, cache = vqa
+    local = tmp_path / "mine.pt"
+    torch.save({"w": torch.ones(1)}, local)
+    assert ck.resolve(local) == local
+    state = ck.load_checkpoint("fiber_vqa", cache_dir=cache, base_url=server.url,
+                               progress=False)
+    assert state.container == "lightning" and state.extra["epoch"] == 1
+    assert torch.equal(state.tensors["w"], torch.arange(20000, dtype=torch.float32))
+    url = f"{server.url}/coarse_grained/fiber_vqa.ckpt"
+    assert ck.resolve(url, cache_dir=tmp_path / "by_url", progress=False).read_bytes() == data
+    with pytest.raises(FileNotFoundError, match="fiber_pretrain"):
+        ck.resolve("fiber_does_not_exist")
+
+
+def test_integrity_check_of_local_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"w": torch.randn(100)}, good)
+    assert ck.integrity_problem(good) is None
+    bad = tmp_path / "bad.pt"
+    raw = bytearray(good.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    bad.write_bytes(bytes(raw))
+    assert "CRC" in ck.integrity_problem(bad)
