@@ -43,7 +43,7 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fiber.checkpoints")
 
 
 class CheckpointError(RuntimeError):
@@ -172,7 +172,6 @@ def _existing_file(path: str | os.PathLike) -> Path:
             "delete it and fetch it again"
         )
     return path
-
 
 
 def _sniff_format(path: Path) -> str:
@@ -325,7 +324,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_safetensors_header(f: BinaryIO, path: Path) -> tuple[dict, int, dict[str, str]]:
-    """Parse and validate the header; return entries in file order, data size and metadata."""
+    """Parse and validate the header; return its tensor entries, the data size and metadata."""
     file_size = os.fstat(f.fileno()).st_size
     first = f.read(8)
     if len(first) < 8:
@@ -365,7 +364,7 @@ def _header_entry(name: str, info: Any, path: Path) -> tuple[torch.dtype, list[i
     where = f"{path}: tensor {name!r}"
     if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
         raise CheckpointError(f"{where}: needs exactly the fields dtype, shape, data_offsets")
-    dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+    dtype = SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
     if dtype is None:
         raise CheckpointError(
             f"{where}: dtype {info['dtype']!r} is not supported "
@@ -585,7 +584,8 @@ RELEASES: dict[str, Release] = {
         "fiber_coarse_then_fine.pth", "fine_grained/fiber_coarse_then_fine.pth",
         "fine-grained pre-training (Flickr30k, MixedNoCOCO, Objects365) after coarse"),
     "fiber_coarse_then_fine_for_refexp": _fine(
-        "fiber_coarse_then_fine_for_refexp.pth", "fine_grained/fiber_coarse_then_fine_for_refexp.pth",
+        "fiber_coarse_then_fine_for_refexp.pth",
+        "fine_grained/fiber_coarse_then_fine_for_refexp.pth",
         "fine-grained pre-training on data cleaned of RefCOCO/+/g images"),
     "fiber_coco": _fine("fiber_coco.pth", "fine_grained/fiber_coco.pth",
                         "COCO detection fine-tuning (58.4 box AP)"),
@@ -608,8 +608,11 @@ def cache_root(override: str | os.PathLike | None = None) -> Path:
 
 def cache_path(name: str, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """The exact local path a release (or URL) is stored at; put a manual download there."""
-    filename = RELEASES[name].filename if name in RELEASES else _url_filename(name)
-    return cache_root(cache_dir) / filename
+    if name in RELEASES:
+        return cache_root(cache_dir) / RELEASES[name].filename
+    if _is_url(name):
+        return cache_root(cache_dir) / _url_filename(name)
+    raise KeyError(f"unknown checkpoint {name!r}; known names: {', '.join(RELEASES)}")
 
 
 def _url_filename(url: str) -> str:
@@ -641,12 +644,10 @@ def download(
     known, CRC of every zip member) before it is moved into the cache; a bad file is deleted.
     On failure the error gives the exact path to place the file at for offline use.
     """
+    target = cache_path(name_or_url, cache_dir=cache_dir)
     release = RELEASES.get(name_or_url)
-    if release is None and not _is_url(name_or_url):
-        raise KeyError(f"unknown checkpoint {name_or_url!r}; known names: {', '.join(RELEASES)}")
     base = base_url or os.environ.get("FIBER_BASE_URL") or DEFAULT_BASE_URL
     url = f"{base.rstrip('/')}/{release.url_path}" if release else name_or_url
-    target = cache_path(name_or_url, cache_dir=cache_dir)
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -661,7 +662,7 @@ def _download_to(url: str, target: Path, release: Release | None, **options: Any
     """Fetch into `<target>.part`, verify, then rename into place (never a bad file in place)."""
     part = target.with_name(target.name + ".part")
     fail = functools.partial(_download_error, url=url, target=target, release=release)
-    log.info("downloading %s to %s", url, target)
+    _tell(f"downloading {url}\n  to {target}", options["progress"])
     total = _fetch_with_retries(url, part, fail, **options)
     problem = _verify_download(part, total, release)
     if problem:
@@ -669,11 +670,19 @@ def _download_to(url: str, target: Path, release: Release | None, **options: Any
         raise fail(f"the downloaded file is corrupt ({problem}); it was deleted")
     os.replace(part, target)
     _fsync_directory(target.parent)
-    log.info("saved %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    _tell(f"saved {target} ({target.stat().st_size / 1e6:.1f} MB)", options["progress"])
+
+
+def _tell(message: str, progress: bool) -> None:
+    """Progress lines for a person at a terminal (stderr, beside the bar); else debug logs."""
+    if progress:
+        print(message, file=sys.stderr, flush=True)
+    else:
+        log.info(message)
 
 
 def _download_error(reason: str, *, url: str, target: Path, release: Release | None):
-    mirror = f"\nor set FIBER_BASE_URL to a mirror that serves {release.url_path}" if release else ""
+    mirror = f"\nor set FIBER_BASE_URL to a mirror serving {release.url_path}" if release else ""
     return DownloadError(
         f"could not download {url}: {reason}.\n"
         f"To use it offline, get {target.name} another way and put it at:\n    {target}{mirror}",
@@ -842,6 +851,6 @@ def resolve(
     )
 
 
-def load_checkpoint(name_or_path: str | os.PathLike, **resolve_options: Any) -> StateFile:
+def load_weights(name_or_path: str | os.PathLike, **resolve_options: Any) -> StateFile:
     """`read_state_file(resolve(name_or_path))`: a release name, URL or path to its tensors."""
     return read_state_file(resolve(name_or_path, **resolve_options))

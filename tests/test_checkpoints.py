@@ -91,6 +91,18 @@ def test_legacy_torch_format(tmp_path):
     assert_same_tensors(got.tensors, sd)
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_checkpoint_saved_on_gpu_loads_on_cpu(tmp_path, monkeypatch, legacy):
+    # Released checkpoints were saved from CUDA tensors: their storages are tagged "cuda:0".
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save({"state_dict": sample_state_dict()}, tmp_path / "gpu.ckpt",
+               _use_new_zipfile_serialization=not legacy)
+    monkeypatch.undo()
+    got = ck.read_state_file(tmp_path / "gpu.ckpt")
+    assert_same_tensors(got.tensors, sample_state_dict())
+    assert all(t.device.type == "cpu" for t in got.tensors.values())
+
+
 def test_lightning_ckpt_with_allow_listed_classes(tmp_path, monkeypatch):
     pl = lightning_classes(monkeypatch)
     config = pl.ReadOnlyDict(
@@ -201,26 +213,24 @@ def test_non_tensor_values_among_weights_are_set_aside(tmp_path):
 
 def _damage(kind, path):
     """Write a damaged checkpoint of the given kind to `path`."""
-    good = tmp_bytes = None
+    if kind == "list":  # a valid file that holds no mapping of tensors
+        torch.save([torch.ones(2)], path)
+        return
     if kind.startswith("truncated"):
-        torch.save(sample_state_dict(), path, _use_new_zipfile_serialization=kind != "truncated_legacy")
+        torch.save(sample_state_dict(), path,
+                   _use_new_zipfile_serialization=kind != "truncated_legacy")
         good = path.read_bytes()
         cut = {"truncated_head": 30, "truncated_half": len(good) // 2,
                "truncated_tail": len(good) - 60, "truncated_legacy": len(good) - 100}[kind]
-        tmp_bytes = good[:cut]
-    elif kind == "empty":
-        tmp_bytes = b""
-    elif kind == "random":
-        tmp_bytes = bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1),
-                                        dtype=torch.uint8).tolist())
-    elif kind == "random_pickle_start":
-        tmp_bytes = b"\x80\x02" + bytes(range(256)) * 4
-    elif kind == "html":
-        tmp_bytes = b"<html><body>403 Forbidden: public access is not permitted</body></html>"
-    elif kind == "list":
-        torch.save([torch.ones(2)], path)
+        path.write_bytes(good[:cut])
         return
-    path.write_bytes(tmp_bytes)
+    noise = torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(1))
+    path.write_bytes({
+        "empty": b"",
+        "random": bytes(noise.tolist()),
+        "random_pickle_start": b"\x80\x02" + bytes(range(256)) * 4,
+        "html": b"<html><body>403 Forbidden: public access is not permitted</body></html>",
+    }[kind])
 
 
 @pytest.mark.parametrize("kind", ["empty", "truncated_head", "truncated_half", "truncated_tail",
@@ -283,8 +293,9 @@ def test_safetensors_round_trip_is_bit_identical(tmp_path):
 
 
 def test_safetensors_layout_matches_the_reference_writer(tmp_path):
-    path = ck.write_safetensors({"b": torch.ones(3, dtype=torch.uint8), "a": torch.ones(2),
-                                 "c": torch.ones(1, dtype=torch.float64)}, tmp_path / "x.safetensors")
+    tensors = {"b": torch.ones(3, dtype=torch.uint8), "a": torch.ones(2),
+               "c": torch.ones(1, dtype=torch.float64)}
+    path = ck.write_safetensors(tensors, tmp_path / "x.safetensors")
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header_text = raw[8:8 + n]
@@ -583,12 +594,12 @@ def test_environment_variables_choose_cache_and_mirror(server, vqa, monkeypatch,
     assert ck.cache_path("fiber_vqa") == path
 
 
-def test_resolve_and_load_checkpoint(server, vqa, tmp_path):
+def test_resolve_and_load_weights(server, vqa, tmp_path):
     data, cache = vqa
     local = tmp_path / "mine.pt"
     torch.save({"w": torch.ones(1)}, local)
     assert ck.resolve(local) == local
-    state = ck.load_checkpoint("fiber_vqa", cache_dir=cache, base_url=server.url,
+    state = ck.load_weights("fiber_vqa", cache_dir=cache, base_url=server.url,
                                progress=False)
     assert state.container == "lightning" and state.extra["epoch"] == 1
     assert torch.equal(state.tensors["w"], torch.arange(20000, dtype=torch.float32))
