@@ -519,10 +519,13 @@ def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384,
     object out and colour ops can shift a named colour, which would make the caption false.
     skip_bad: wrap in SkipBadSamples, so unreadable images become None for the collator.
     """
+    augment = augment or ("flip" if source == "synthetic" else "full")
+    if augment not in AUGMENTATIONS:
+        raise ValueError(f"augment={augment!r}: choose one of {sorted(AUGMENTATIONS)}")
     if source == "synthetic":
         world = world if world is not None else SyntheticWorld(seed=0)
         pairs = [Pair(i, c) for i in world.split_range(split) for c in world.captions(i)]
-        read_image, default_augment = partial(_render_scene, world, image_size), "flip"
+        read_image = partial(_render_scene, world, image_size)
     else:
         loaders = {".json": load_coco_captions, ".jsonl": load_jsonl_captions}
         if Path(source).suffix not in loaders:
@@ -530,10 +533,7 @@ def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384,
                              f"or a .jsonl file")
         pairs = loaders[Path(source).suffix](source, image_root,
                                              allow_outside_root=allow_outside_root)
-        read_image, default_augment = load_image, "full"
-    augment = augment or default_augment
-    if augment not in AUGMENTATIONS:
-        raise ValueError(f"augment={augment!r}: choose one of {sorted(AUGMENTATIONS)}")
+        read_image = load_image
     transform = ImageTransform(size=image_size, train=train, **AUGMENTATIONS[augment])
     dataset = CaptionDataset(pairs, transform=transform, read_image=read_image, seed=seed,
                              name=str(source))

@@ -30,7 +30,7 @@ COLORS = {  # seven hues spread around the colour wheel, far apart even at 64 px
 BACKGROUNDS = {"white": (245, 245, 245), "gray": (120, 120, 120), "black": (25, 25, 25)}
 TEXTURES = ("plain", "striped")  # drawn but never named: a nuisance a model must ignore
 SHAPES = ("circle", "square", "triangle", "star", "cross")
-SIZES = {"small": 0.09, "large": 0.14}  # object radius as a fraction of the image side
+SIZES = {"small": 0.09, "large": 0.15}  # object radius as a fraction of the image side
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
 ANSWERS = (*COLORS, *SHAPES, *BACKGROUNDS, "yes", "no", "0", "1", "2", "3", "4")  # VQA answers
 SPLITS = ("train", "val", "test")
@@ -63,19 +63,20 @@ class SceneObject:
         return f"{self.size} {self.color} {self.shape}"
 
     def outline(self):
-        """Polygon vertices (x, y) in 0..1 units; a circle is a 48-gon, used for its box."""
+        """Polygon vertices (x, y) in 0..1 units, all within `radius` of the centre (so objects
+        placed apart as discs never touch); a circle is a 48-gon here, used for its box."""
         cx, cy, r = self.cx, self.cy, self.radius
         if self.shape == "circle":
             return _ring(cx, cy, [r], 48)
         if self.shape == "square":
-            s = 0.85 * r
+            s = 0.7 * r
             return [(cx - s, cy - s), (cx + s, cy - s), (cx + s, cy + s), (cx - s, cy + s)]
         if self.shape == "triangle":
-            return [(cx, cy - r), (cx + r, cy + 0.8 * r), (cx - r, cy + 0.8 * r)]
+            return _ring(cx, cy + 0.1 * r, [0.95 * r], 3)  # nudged down to look centred
         if self.shape == "star":
             return _ring(cx, cy, [r, 0.45 * r], 10)
-        w = 0.33 * r  # cross: a plus sign with arms of half-width w
-        arm = [(w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r)]
+        w, e = 0.3 * r, 0.95 * r  # cross: a plus sign, arms of half-width w reaching out to e
+        arm = [(w, -e), (w, -w), (e, -w), (e, w), (w, w), (w, e)]
         return [(cx + x, cy + y) for x, y in arm + [(-x, -y) for x, y in arm]]
 
     def box(self, image_size):
@@ -152,12 +153,14 @@ class Scene:
             period = max(side // 10, 2)
             for x in range(-side, side, period):
                 draw.line([(x, side), (x + side, 0)], fill=shade, width=max(period // 3, 1))
+        # Pillow fills the pixels from floor(start) to floor(end): the drawing covers each
+        # outline and overshoots it by less than one of these small pixels (1/4 or 1/2 of an
+        # output pixel), so boxes computed from the outlines are tight to that precision.
         for obj in self.objects:
             fill = COLORS[obj.color]
             if obj.shape == "circle":
-                r = obj.radius * side
-                draw.ellipse([obj.cx * side - r, obj.cy * side - r,
-                              obj.cx * side + r, obj.cy * side + r], fill=fill)
+                x, y, r = obj.cx * side, obj.cy * side, obj.radius * side
+                draw.ellipse([x - r, y - r, x + r, y + r], fill=fill)
             else:
                 draw.polygon([(x * side, y * side) for x, y in obj.outline()], fill=fill)
         return image.resize((image_size, image_size), Image.BOX)
