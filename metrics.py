@@ -1,0 +1,621 @@
+"""Evaluation metrics for fiber, each matching the official scorer of its benchmark.
+
+- VQA v2 accuracy (the answer normalisation of the official VQA evaluation script),
+- COCO caption BLEU-1..4 and CIDEr-D (as pycocoevalcap computes them, tokeniser included),
+- image-text retrieval recall@k in both directions,
+- COCO box AP/AR (the 12 figures of pycocotools' COCOeval, re-implemented in numpy),
+- referring-expression accuracy and phrase-grounding recall@k.
+
+The official scorers carry quirks (a regex that only strips 32 periods, a CIDEr "length" that
+counts bigrams, brackets surviving caption tokenisation, ...). They are reproduced on purpose so
+that numbers stay comparable with published ones; each is marked where it happens. Run-time
+dependencies: numpy, torch and the standard library (no Java, no pycocotools).
+"""
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------------------------
+# VQA accuracy
+
+# Contracted forms that the VQA script restores when an answer spells them without apostrophes.
+# Its table maps every spelling with exactly one apostrophe dropped to the full form (both
+# "couldnt've" and "couldn'tve" give "couldn't've"), which is how _VQA_CONTRACTIONS is built.
+# Its entries "Im", "Ive", "Id've", "I'dve" are left out: answers are lower-cased before the
+# look-up, so upper-case keys can never fire.
+_VQA_CONTRACTED = """
+ain't aren't can't could've couldn't couldn't've didn't doesn't don't hadn't hadn't've hasn't
+haven't he'd he'd've he's how'd how'll how's isn't it'd it'd've it'll ma'am mightn't mightn't've
+might've mustn't must've needn't not've o'clock oughtn't 'ow's'at shan't she'd've should've
+shouldn't shouldn't've somebody'd've somebody'll somebody's someone'd someone'd've someone'll
+someone's something'd something'd've something'll that's there'd there'd've there're there's
+they'd they'd've they'll they're they've 'twas wasn't we'd've we've weren't what'll what're
+what's what've when's where'd where's where've who'd who'd've who'll who's who've why'll why're
+why's won't would've wouldn't wouldn't've y'all y'all'll y'all'd've you'd you'd've you'll
+you're you've""".split()
+_VQA_CONTRACTIONS = {
+    form[:i] + form[i + 1:]: form
+    for form in _VQA_CONTRACTED for i, ch in enumerate(form) if ch == "'"
+}
+_VQA_CONTRACTIONS["somebody'd"] = "somebodyd"  # the official table has this one backwards
+_VQA_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<",
+              "@", "`", ",", "?", "!"]
+_VQA_NUMBER_COMMA = re.compile(r"\d,\d")
+# The official pattern is "(?!<=\d)(\.)(?!\d)": the first group is a (mistyped) look-ahead that
+# always succeeds, so it removes every period not followed by a digit.
+_VQA_PERIOD = re.compile(r"\.(?!\d)")
+
+
+def _vqa_punctuation(text):
+    # Each mark is deleted when it touches a space anywhere in the *original* text (or the text
+    # holds a digit,digit comma), otherwise it becomes a space: "yes!" -> "yes ", "a, b" -> "a b".
+    glue = _VQA_NUMBER_COMMA.search(text) is not None
+    out = text
+    for mark in _VQA_PUNCT:
+        touches_space = mark + " " in text or " " + mark in text
+        out = out.replace(mark, "" if touches_space or glue else " ")
+    # The official call passes re.UNICODE (= 32) where re.sub expects `count`: at most 32 periods
+    # are removed. Kept for parity; no real answer has that many.
+    return _VQA_PERIOD.sub("", out, count=32)
+
+
+def normalize_vqa_answer(text):
+    """Normalise an answer as the official VQA evaluation does.
+
+    Newlines/tabs become spaces; punctuation is removed or turned into spaces (see
+    `_vqa_punctuation`); the text is lower-cased; number words zero..ten (and "none") become
+    digits; articles a/an/the are dropped; contractions typed without apostrophes are restored
+    ("dont" -> "don't"). Example: "Two dogs." -> "2 dogs".
+    """
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    words = _vqa_punctuation(text).lower().split()
+    words = [_VQA_NUMBERS.get(w, w) for w in words]
+    words = [_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES]
+    return " ".join(words)
+
+
+def vqa_score(prediction, answers):
+    """VQA accuracy of one predicted answer against the human answers (usually 10).
+
+    For each answer i, min(#{j != i : answer_j == prediction} / 3, 1); the mean over i. With 10
+    answers of which n match: 0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >= 4 -> 1.
+
+    Both sides go through `normalize_vqa_answer`. The GT-Vision-Lab script normalises the
+    prediction fully but the human answers only for punctuation, and only when they are not all
+    identical; with VQA v2 annotations (already normalised) the two agree.
+    """
+    if len(answers) == 0:
+        raise ValueError("vqa_score: `answers` is empty; pass the human answers of the question")
+    pred = normalize_vqa_answer(prediction)
+    matches = [normalize_vqa_answer(a) == pred for a in answers]
+    n_match = sum(matches)
+    per_answer = [min((n_match - hit) / 3.0, 1.0) for hit in matches]
+    return sum(per_answer) / len(per_answer)
+
+
+def vqa_soft_score(n_matches):
+    """Soft VQA training target of FIBER (and ViLT/METER) for an answer given by `n_matches`
+    annotators: 0 -> 0, 1 -> 0.3, 2 -> 0.6, 3 -> 0.9, >= 4 -> 1.0 (the 10-answer accuracy)."""
+    if n_matches < 0:
+        raise ValueError(f"vqa_soft_score: n_matches must be >= 0, got {n_matches}")
+    return (0.0, 0.3, 0.6, 0.9)[n_matches] if n_matches < 4 else 1.0
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO caption tokenisation (Stanford PTBTokenizer -lowerCase, then pycocoevalcap's filter)
+
+# Tokens pycocoevalcap removes after PTB tokenisation. Its list also names -LRB-, -RRB-, -LCB-,
+# -RCB-, but PTB's -lowerCase turns them into "-lrb-" etc., which the list misses: brackets
+# survive as tokens in the official scores, and here too.
+_PTB_DROPPED = {"''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-",
+                 "}": "-rcb-"}
+_PTB_UNICODE = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'",
+                "\u2013": " -- ", "\u2014": " -- ", "\u2026": " ... ", "\u00a0": " ",
+                "\u200b": ""}
+# Text-level splits, applied in order: (pattern, replacement).
+_PTB_SPLITS = [
+    (re.compile(r'"|``|`'), " "),                          # quotes: PTB's `` and '' are dropped
+    (re.compile(r"\.{2,}(?=\w)"), lambda m: " . . " if len(m.group()) == 2 else " ... "),
+    (re.compile(r"--+"), " -- "),
+    (re.compile(r"(?<!\w)[?!]+|[?!]+(?!\w)"), r" \g<0> "),  # "?!" stays one (kept) token
+    (re.compile(r"(?<!\d)[,;:]|[,;:](?!\d)"), r" \g<0> "),  # but 1,000 and 7:30 stay whole
+    (re.compile(r"[&%$#=~^|]|\*+|(?<=\w)\+|\+(?!\d)"), r" \g<0> "),
+    (re.compile(r"(?<![\w-])-(?=[^\W\d])|(?<=\w)-(?![\w-])"), " - "),  # "-dog", "dog-"
+    (re.compile(r"(?<!\w)/(?=\w)|(?<=\w)/(?!\w)"), " / "),  # "w/ skis", but "1/2" stays
+    (re.compile(r"(\d\.\d+)([^\W\d_]+)"), r"\1 \2"),      # "1.5m" -> "1.5 m"
+    (re.compile(r"[()\[\]{}]"), lambda m: f" {_PTB_BRACKETS[m.group()]} "),  # last: keeps "-"
+]
+# Words that keep their final period (PTB abbreviation lists, the ones checked against
+# stanford-corenlp 3.4.1). Any other word ending in "." has the period split off.
+_PTB_ABBREVIATIONS = set("""
+mr mrs ms dr drs prof profs sen sens rep reps atty attys lt col gen messrs gov govs adm rev maj
+sgt cpl pvt mt capt st ste ave pres lieut hon brig cmdr comdr pfc spc supt supts det m mme mlle
+inc co cos corp pty ptys pte ltd plc bancorp dept bhd assn univ intl sys ph tel est ext sq ft
+jr sr bros blvd rd esq etc al seq bldg cf vs v jan feb mar apr jun jul aug sep sept oct nov dec
+mon tue tues wed thu thurs fri ala ariz calif colo conn ct dak fla ga ind kan kans ky md mich
+minn mo mont neb nev okla penn tenn va vt wis wisc wyo""".split())
+_PTB_ABBREVIATIONS_BEFORE_NUMBER = {"no", "nos", "prop", "ca", "fig", "figs", "art", "pp", "op"}
+_PTB_ACRONYM = re.compile(r"[^\W\d_](\.[^\W\d_])*")      # initials and u.s, e.g, p.m
+# A single-letter initial loses its period when one of these words follows it in capitals
+# (PTB reads a sentence end there): "vitamin C. The" -> c . the, but "C. Smith" -> c. smith.
+_PTB_SENTENCE_STARTERS = """a about according additionally after an as at but earlier he her
+here however if in it last many more now once one other our she since so some such that the
+their then there these they this we what when while yet you""".split()
+_PTB_INITIAL_AT_SENTENCE_END = re.compile(
+    r"(?<![\w.])([^\W\d_])\.(?=\s+(?:%s)(?:\s|$))"
+    % "|".join(f"{w.capitalize()}|{w.upper()}" for w in _PTB_SENTENCE_STARTERS))
+_PTB_SPECIAL_WORDS = {"cannot": ["can", "not"], "gonna": ["gon", "na"], "gotta": ["got", "ta"],
+                      "wanna": ["wan", "na"], "lemme": ["lem", "me"], "gimme": ["gim", "me"],
+                      "'tis": ["'t", "is"], "'twas": ["'t", "was"]}
+_PTB_CONTRACTION = re.compile(r"(.+?)(n't|'s|'m|'d|'ll|'re|'ve)", re.IGNORECASE)
+# Words that start with an apostrophe without it being an opening quote.
+_PTB_LEADING_APOSTROPHE = re.compile(r"'(em|n'|cause|tis|twas|s|m|d|ll|re|ve|\d\ds?)", re.I)
+_PTB_TRAILING_APOSTROPHE_WORDS = {"ol'", "'n'"}
+
+
+def _ptb_keeps_period(word, next_word):
+    stem = word[:-1].lower()
+    if stem in _PTB_ABBREVIATIONS or _PTB_ACRONYM.fullmatch(stem):
+        return True
+    if stem in _PTB_ABBREVIATIONS_BEFORE_NUMBER:
+        return next_word[:1].isdigit()
+    return False
+
+
+def _ptb_word(word, next_word):
+    """Split one whitespace-delimited chunk into PTB tokens (quotes, final periods, clitics)."""
+    front, back = [], []
+    if word.startswith("'") and len(word) > 1 and not _PTB_LEADING_APOSTROPHE.fullmatch(word):
+        front, word = ["`"], word[1:]                     # an opening single quote
+    while len(word) > 1 and word.strip("."):
+        dots = len(word) - len(word.rstrip("."))
+        if dots >= 2:                                     # "wait..", "dog...", "u.s...."
+            stem = word[:-dots]
+            if _ptb_keeps_period(stem + ".", next_word):
+                stem, dots = stem + ".", dots - 1
+            back, word = (["..."] if dots >= 3 else ["."] * dots) + back, stem
+        elif word.endswith("'") and word.lower() not in _PTB_TRAILING_APOSTROPHE_WORDS:
+            back, word = ["'"] + back, word[:-1]          # closing quote or plural possessive
+        elif word.endswith(".") and not _ptb_keeps_period(word, next_word):
+            back, word = ["."] + back, word[:-1]
+        else:
+            break
+    if word.lower() in _PTB_SPECIAL_WORDS:
+        return front + _PTB_SPECIAL_WORDS[word.lower()] + back
+    clitic = _PTB_CONTRACTION.fullmatch(word)
+    middle = [clitic.group(1), clitic.group(2)] if clitic else [word]
+    return front + middle + back
+
+
+def coco_caption_tokenize(text):
+    """Tokenise a caption as the COCO caption evaluation does, without Java.
+
+    pycocoevalcap runs Stanford PTBTokenizer (corenlp 3.4.1, -preserveLines -lowerCase) and
+    then drops punctuation tokens. This re-implementation covers what captions contain:
+    lower-casing, punctuation splitting, clitics ("dog's" -> dog 's, "don't" -> do n't),
+    abbreviations that keep their period ("st.", "u.s."), brackets as kept "-lrb-" tokens, and
+    the punctuation filter. Known divergences (rare in captions): PTB's special handling of
+    URLs, e-mails, emoticons, SGML-like "<...>", odd apostrophes inside words ("rock'n'roll",
+    kept whole here), unicode fractions and untokenisable characters (dropped by PTB).
+    """
+    text = _PTB_INITIAL_AT_SENTENCE_END.sub(r"\1 .", text.replace("\n", " "))
+    for char, repl in _PTB_UNICODE.items():
+        text = text.replace(char, repl)
+    for pattern, repl in _PTB_SPLITS:
+        text = pattern.sub(repl, text)
+    chunks = text.split()
+    tokens = []
+    for i, chunk in enumerate(chunks):
+        next_chunk = chunks[i + 1] if i + 1 < len(chunks) else ""
+        tokens += _ptb_word(chunk, next_chunk)
+    tokens = [t.lower() for t in tokens if t.strip(".")]  # runs of periods are punctuation
+    return [t for t in tokens if t and t not in _PTB_DROPPED]
+
+
+# ----------------------------------------------------------------------------------------------
+# BLEU and CIDEr-D (pycocoevalcap)
+
+def _tokenized_captions(candidates, references):
+    """Check the {id: caption} / {id: [captions]} inputs and tokenise them, in a fixed id order."""
+    if set(candidates) != set(references):
+        missing = set(references) ^ set(candidates)
+        raise ValueError(f"candidates and references must have the same ids; {len(missing)} "
+                         f"differ, e.g. {sorted(missing, key=str)[:3]}")
+    ids = list(references)
+    cands, refs = [], []
+    for key in ids:
+        cand = candidates[key]
+        if isinstance(cand, (list, tuple)):              # pycocoevalcap's [caption] form
+            if len(cand) != 1:
+                raise ValueError(f"candidates[{key!r}] must hold exactly one caption")
+            cand = cand[0]
+        if isinstance(references[key], str) or len(references[key]) == 0:
+            raise ValueError(f"references[{key!r}] must be a non-empty list of captions")
+        cands.append(coco_caption_tokenize(cand))
+        refs.append([coco_caption_tokenize(r) for r in references[key]])
+    return ids, cands, refs
+
+
+def _ngram_counts(tokens, n):
+    return Counter(tuple(tokens[i:i + k]) for k in range(1, n + 1)
+                   for i in range(len(tokens) - k + 1))
+
+
+def bleu(candidates, references, n=4):
+    """Corpus BLEU-1..n exactly as pycocoevalcap's Bleu computes it.
+
+    candidates: {id: caption}; references: {id: [caption, ...]}; both are tokenised with
+    `coco_caption_tokenize`. Clipped n-gram matches and n-gram counts are summed over the corpus;
+    the reference length of each caption is the one closest to the candidate's length (the
+    shorter on ties), and the brevity penalty uses the corpus sums. No smoothing: the 1e-15 and
+    1e-9 below only avoid 0/0, as in the original. Returns [BLEU-1, ..., BLEU-n].
+    """
+    _, cands, refs = _tokenized_captions(candidates, references)
+    tiny, small = 1e-15, 1e-9
+    correct, guess = [0] * n, [0] * n
+    cand_len = ref_len = 0
+    for cand, ref_list in zip(cands, refs):
+        max_ref_counts = Counter()
+        for ref in ref_list:
+            max_ref_counts |= _ngram_counts(ref, n)     # | keeps the max count per n-gram
+        for gram, count in _ngram_counts(cand, n).items():
+            correct[len(gram) - 1] += min(count, max_ref_counts[gram])
+        for k in range(n):
+            guess[k] += max(0, len(cand) - k)
+        cand_len += len(cand)
+        ref_len += min((abs(len(r) - len(cand)), len(r)) for r in ref_list)[1]
+    scores, product = [], 1.0
+    for k in range(n):
+        product *= (correct[k] + tiny) / (guess[k] + small)
+        scores.append(product ** (1.0 / (k + 1)))    # geometric mean of precisions 1..k+1
+    ratio = (cand_len + tiny) / (ref_len + small)
+    if ratio < 1:
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def _cider_vector(counts, doc_freq, log_n_images, n):
+    # tf-idf weights per n-gram order, their norms, and the "length" pycocoevalcap uses in the
+    # length penalty: it counts the *bigrams* (its n == 1 index), i.e. words - 1. Kept as is.
+    vec = [{} for _ in range(n)]
+    for gram, tf in counts.items():
+        vec[len(gram) - 1][gram] = tf * (log_n_images - np.log(max(1.0, doc_freq[gram])))
+    norms = [np.sqrt(sum(w * w for w in v.values())) for v in vec]
+    length = sum(tf for gram, tf in counts.items() if len(gram) == 2)
+    return vec, norms, length
+
+
+def _cider_similarity(cand, ref, n, sigma):
+    (c_vec, c_norm, c_len), (r_vec, r_norm, r_len) = cand, ref
+    sims = np.zeros(n)
+    for k in range(n):
+        for gram, weight in c_vec[k].items():
+            r_weight = r_vec[k].get(gram, 0.0)
+            sims[k] += min(weight, r_weight) * r_weight  # CIDEr-D clips the candidate's weight
+        if c_norm[k] != 0 and r_norm[k] != 0:
+            sims[k] /= c_norm[k] * r_norm[k]
+    return sims * np.e ** (-((c_len - r_len) ** 2) / (2 * sigma ** 2))
+
+
+def cider_d(candidates, references, n=4, sigma=6.0):
+    """CIDEr-D as pycocoevalcap's Cider computes it; returns (corpus_score, {id: score}).
+
+    candidates: {id: caption}; references: {id: [caption, ...]}; tokenised with
+    `coco_caption_tokenize`. Document frequencies come from the references of the evaluated set
+    (an n-gram counts once per image), idf = log(#images) - log(max(1, df)); per n-gram order the
+    clipped cosine similarity of tf-idf vectors, times a Gaussian length penalty (sigma 6); the
+    mean over orders 1..n and over references, times 10. The corpus score is the mean.
+    """
+    ids, cands, refs = _tokenized_captions(candidates, references)
+    cand_counts = [_ngram_counts(c, n) for c in cands]
+    ref_counts = [[_ngram_counts(r, n) for r in ref_list] for ref_list in refs]
+    doc_freq = Counter(gram for ref_list in ref_counts for gram in set().union(*ref_list))
+    log_n_images = np.log(float(len(ids)))
+    scores = {}
+    for key, cand, ref_list in zip(ids, cand_counts, ref_counts):
+        cand_vec = _cider_vector(cand, doc_freq, log_n_images, n)
+        total = np.zeros(n)
+        for ref in ref_list:
+            total += _cider_similarity(cand_vec, _cider_vector(ref, doc_freq, log_n_images, n),
+                                       n, sigma)
+        scores[key] = float(np.mean(total) / len(ref_list) * 10.0)
+    return float(np.mean(list(scores.values()))), scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-text retrieval
+
+def retrieval_recall(scores, text_to_image, ks=(1, 5, 10)):
+    """Recall@k of image->text and text->image retrieval from a similarity matrix.
+
+    scores: (n_images, n_texts) tensor or array, higher = more similar. text_to_image[j]: index
+    of the image that text j describes (COCO/Flickr: 5 texts per image). An image is a hit at k
+    if any of its texts is among its k best-scoring texts ("i2t", called "tr" text retrieval in
+    ViLT/METER/FIBER logs); a text is a hit if its image is among its k best images ("t2i", their
+    "ir"). Ties count in favour of the correct item (only strictly higher scores push it down).
+    Returns {"i2t_r1": ..., "t2i_r1": ..., ...} as fractions in [0, 1].
+    """
+    scores = torch.as_tensor(scores).detach()                               # (Ni, Nt)
+    scores = scores if scores.is_floating_point() else scores.float()
+    owner = torch.as_tensor(text_to_image, device=scores.device).long()    # (Nt,)
+    n_images, n_texts = scores.shape
+    if owner.shape != (n_texts,) or owner.min() < 0 or owner.max() >= n_images:
+        raise ValueError(f"text_to_image must hold {n_texts} image indices in [0, {n_images})")
+    if (torch.bincount(owner, minlength=n_images) == 0).any():
+        raise ValueError("every image needs at least one text in text_to_image")
+    own = scores[owner, torch.arange(n_texts, device=scores.device)]  # (Nt,) text vs its image
+    # t2i: rank of a text's own image = number of images scoring above it for that text.
+    t2i_rank = (scores > own[None, :]).sum(dim=0)                               # (Nt,)
+    # i2t: rank of an image's best own text = number of texts scoring above that one.
+    best_own = torch.full((n_images,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    best_own = best_own.scatter_reduce(0, owner, own, reduce="amax")            # (Ni,)
+    i2t_rank = (scores > best_own[:, None]).sum(dim=1)                          # (Ni,)
+    out = {}
+    for k in ks:
+        out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()
+        out[f"t2i_r{k}"] = (t2i_rank < k).float().mean().item()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Referring expressions and phrase grounding (boxes x1, y1, x2, y2)
+
+def _boxes(boxes, name):
+    if isinstance(boxes, torch.Tensor):
+        boxes = boxes.detach().cpu().double().numpy()
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) if len(boxes) else np.zeros((0, 4))
+    if np.any(boxes[:, 2:] < boxes[:, :2]):
+        raise ValueError(f"{name}: boxes must be (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1")
+    return boxes
+
+
+def box_iou(boxes1, boxes2, generalized=False):
+    """Pairwise (generalised) IoU of two sets of xyxy boxes -> (N, M) array (continuous
+    coordinates, no +1). A pair whose union is empty has IoU 0."""
+    a, b = _boxes(boxes1, "boxes1"), _boxes(boxes2, "boxes2")
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    wh = np.clip(np.minimum(a[:, None, 2:], b[None, :, 2:])
+                 - np.maximum(a[:, None, :2], b[None, :, :2]), 0, None)    # (N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area_a[:, None] + area_b[None, :] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    if not generalized:
+        return iou
+    # GIoU subtracts the share of the enclosing box not covered by the union.
+    hull_wh = (np.maximum(a[:, None, 2:], b[None, :, 2:])
+               - np.minimum(a[:, None, :2], b[None, :, :2]))
+    hull = hull_wh[..., 0] * hull_wh[..., 1]
+    return iou - np.divide(hull - union, hull, out=np.zeros_like(hull), where=hull > 0)
+
+
+def rec_accuracy(pred_boxes, gt_boxes, iou=0.5, generalized=False):
+    """Referring-expression accuracy: share of expressions whose top-1 predicted box overlaps
+    the ground-truth box with IoU >= `iou`. pred_boxes, gt_boxes: (N, 4) xyxy, row i = expression
+    i. generalized=True thresholds the generalised IoU instead, as the MDETR/GLIP/FIBER
+    RefCOCO evaluator does (GIoU <= IoU, so that is slightly stricter)."""
+    pred, gt = _boxes(pred_boxes, "pred_boxes"), _boxes(gt_boxes, "gt_boxes")
+    if len(pred) != len(gt) or len(pred) == 0:
+        raise ValueError(f"rec_accuracy: need one predicted box per expression, got {len(pred)} "
+                         f"predictions for {len(gt)} ground-truth boxes")
+    overlap = np.array([box_iou(p, g, generalized)[0, 0] for p, g in zip(pred, gt)])
+    return float(np.mean(overlap >= iou))
+
+
+def grounding_recall(pred_boxes_ranked, gt_boxes, ks=(1, 5, 10), iou=0.5):
+    """Phrase-grounding recall@k, Flickr30k Entities "any box" protocol (MDETR/GLIP/FIBER's
+    default; the merged-box variant that unions a phrase's ground-truth boxes is not used).
+
+    pred_boxes_ranked[i]: (n_i, 4) xyxy boxes for phrase i, best first; gt_boxes[i]: (m_i, 4)
+    its ground-truth boxes. Phrase i is correct at k if any of its first k boxes has IoU >= `iou`
+    with any of its ground-truth boxes (a phrase with no predicted box is a miss). Returns
+    {"r1": ..., "r5": ..., "r10": ...} as fractions.
+    """
+    if len(pred_boxes_ranked) != len(gt_boxes) or len(gt_boxes) == 0:
+        raise ValueError("grounding_recall: need one list of ranked boxes per phrase, got "
+                         f"{len(pred_boxes_ranked)} for {len(gt_boxes)} phrases")
+    hits = {k: 0 for k in ks}
+    for i, (pred, gt) in enumerate(zip(pred_boxes_ranked, gt_boxes)):
+        gt = _boxes(gt, f"gt_boxes[{i}]")
+        if len(gt) == 0:
+            raise ValueError(f"gt_boxes[{i}] is empty: a phrase without boxes cannot be scored")
+        best = box_iou(_boxes(pred, f"pred_boxes_ranked[{i}]"), gt).max(axis=1)  # (n_i,)
+        for k in ks:
+            hits[k] += bool(len(best)) and bool(best[:k].max() >= iou)
+    return {f"r{k}": hits[k] / len(gt_boxes) for k in ks}
+
+
+# ----------------------------------------------------------------------------------------------
+# COCO box AP (pycocotools COCOeval, iouType "bbox")
+
+# Built exactly as pycocotools builds them, so every threshold is the same float.
+_COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)                   # T = 10
+_COCO_RECALL_POINTS = np.linspace(0.0, 1.0, 101)                    # R = 101
+_COCO_AREAS = [(0.0, 1e10), (0.0, 32.0 ** 2), (32.0 ** 2, 96.0 ** 2), (96.0 ** 2, 1e10)]
+_COCO_MAX_DETS = (1, 10, 100)
+# (name, AP or AR, IoU threshold index or None for the mean, area index, maxDets index)
+_COCO_FIGURES = [("AP", True, None, 0, 2), ("AP50", True, 0, 0, 2), ("AP75", True, 5, 0, 2),
+                 ("APs", True, None, 1, 2), ("APm", True, None, 2, 2), ("APl", True, None, 3, 2),
+                 ("AR1", False, None, 0, 0), ("AR10", False, None, 0, 1),
+                 ("AR100", False, None, 0, 2), ("ARs", False, None, 1, 2),
+                 ("ARm", False, None, 2, 2), ("ARl", False, None, 3, 2)]
+
+
+def _load_json(source, what):
+    if isinstance(source, (str, Path)):
+        with open(source) as f:
+            return json.load(f), str(source)
+    return source, f"<{what} given as a Python object>"
+
+
+def _coco_ground_truth(ground_truth):
+    """-> (sorted image ids, sorted category ids, {(image, category): [annotation, ...]})."""
+    data, where = _load_json(ground_truth, "ground truth")
+    for field in ("images", "annotations", "categories"):
+        if field not in data:
+            raise ValueError(f"{where}: missing '{field}'; expected a COCO instances file")
+    by_key = {}
+    for i, ann in enumerate(data["annotations"]):
+        for field in ("image_id", "category_id", "bbox", "area", "id"):
+            if field not in ann:
+                raise ValueError(f"{where}: annotations[{i}] has no '{field}'")
+        by_key.setdefault((ann["image_id"], ann["category_id"]), []).append(ann)
+    image_ids = sorted({img["id"] for img in data["images"]})
+    category_ids = sorted({cat["id"] for cat in data["categories"]})
+    return image_ids, category_ids, by_key
+
+
+def _coco_detections(detections, image_ids, category_ids):
+    """Group result dicts by (image, category) in list order, as COCO.loadRes does. Categories
+    absent from the ground truth are skipped (COCOeval never looks at them)."""
+    dets, where = _load_json(detections, "detections")
+    known_images, known_cats = set(image_ids), set(category_ids)
+    by_key = {}
+    for i, det in enumerate(dets):
+        for field in ("image_id", "category_id", "bbox", "score"):
+            if field not in det:
+                raise ValueError(f"{where}: detection {i} has no '{field}'")
+        if det["image_id"] not in known_images:
+            raise ValueError(f"{where}: detection {i} is on image {det['image_id']}, which the "
+                             "ground truth does not list")
+        if det["category_id"] in known_cats:
+            by_key.setdefault((det["image_id"], det["category_id"]), []).append(det)
+    return by_key
+
+
+def _coco_iou(dt_boxes, gt_boxes, gt_crowd):
+    """pycocotools' box IoU on xywh boxes; against a crowd box the union is the detection's
+    own area (so a detection inside a crowd region has IoU 1)."""
+    dx, dy, dw, dh = (dt_boxes[:, None, i] for i in range(4))               # (D, 1) each
+    gx, gy, gw, gh = (gt_boxes[None, :, i] for i in range(4))               # (1, G) each
+    w = np.clip(np.minimum(dw + dx, gw + gx) - np.maximum(dx, gx), 0, None)
+    h = np.clip(np.minimum(dh + dy, gh + gy) - np.maximum(dy, gy), 0, None)
+    inter = w * h                                                           # (D, G)
+    union = np.where(gt_crowd[None, :], dw * dh, dw * dh + gw * gh - inter)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=inter > 0)
+
+
+def _coco_match(gts, dts, ious, area):
+    """Greedy matching of one image and category within one area range (COCOeval.evaluateImg).
+
+    dts are sorted by score. Returns (scores (D,), matched (T, D), dt_ignored (T, D), number
+    of ground truths that count)."""
+    lo, hi = area
+    gt_ignored = np.array([bool(g.get("iscrowd", 0)) or not lo <= g["area"] <= hi for g in gts],
+                          dtype=bool)
+    order = np.argsort(gt_ignored, kind="mergesort")        # counted ground truth first
+    gt_ignored, ious = gt_ignored[order], ious[:, order]
+    crowd = np.array([bool(gts[i].get("iscrowd", 0)) for i in order], dtype=bool)
+    gt_ids = np.array([gts[i]["id"] for i in order])
+    n_thr, n_dt = len(_COCO_IOU_THRESHOLDS), len(dts)
+    matched_id = np.zeros((n_thr, n_dt))
+    dt_ignored = np.zeros((n_thr, n_dt), dtype=bool)
+    for t, thr in enumerate(_COCO_IOU_THRESHOLDS):
+        taken = np.zeros(len(gts), dtype=bool)
+        for d in range(n_dt):
+            m = _coco_best_gt(ious[d], ~taken | crowd, gt_ignored, thr)
+            if m >= 0:
+                matched_id[t, d], dt_ignored[t, d], taken[m] = gt_ids[m], gt_ignored[m], True
+    # COCOeval keeps the matched ground truth's *id* and tests it against 0, so a ground truth
+    # with id 0 never counts as matched; mirrored by deriving `matched` from the ids.
+    matched = matched_id != 0
+    dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts])
+    outside = (dt_area < lo) | (dt_area > hi)
+    dt_ignored |= ~matched & outside[None, :]               # unmatched and out of range
+    scores = np.array([d["score"] for d in dts], dtype=np.float64)
+    return scores, matched, dt_ignored, int(np.count_nonzero(~gt_ignored))
+
+
+def _coco_best_gt(iou, free, gt_ignored, thr):
+    """Index of the ground truth a detection takes at threshold `thr`, or -1. Counted ground
+    truth wins over ignored ground truth; within a group the highest IoU >= thr wins, the last
+    one on ties (COCOeval walks the list with `>=`). Crowd regions can be taken many times."""
+    for group in (~gt_ignored, gt_ignored):
+        candidates = np.flatnonzero(free & group & (iou >= thr))
+        if len(candidates):
+            best = iou[candidates].max()
+            return int(candidates[iou[candidates] == best][-1])
+    return -1
+
+
+def _coco_accumulate(results, n_counted_gt, max_det):
+    """Precision at the 101 recall points (T, R) and final recall (T,) of one category and area
+    range over all images, keeping each image's `max_det` best detections (COCOeval.accumulate)."""
+    scores = np.concatenate([r[0][:max_det] for r in results])
+    order = np.argsort(-scores, kind="mergesort")           # stable: ties keep image order
+    matched = np.concatenate([r[1][:, :max_det] for r in results], axis=1)[:, order]
+    ignored = np.concatenate([r[2][:, :max_det] for r in results], axis=1)[:, order]
+    tp = np.cumsum(matched & ~ignored, axis=1).astype(float)                   # (T, N)
+    fp = np.cumsum(~matched & ~ignored, axis=1).astype(float)
+    recall = tp / n_counted_gt
+    precision = tp / (fp + tp + np.spacing(1))
+    precision = np.maximum.accumulate(precision[:, ::-1], axis=1)[:, ::-1]    # envelope
+    sampled = np.zeros((len(_COCO_IOU_THRESHOLDS), len(_COCO_RECALL_POINTS)))
+    for t in range(len(_COCO_IOU_THRESHOLDS)):
+        idx = np.searchsorted(recall[t], _COCO_RECALL_POINTS, side="left")
+        reached = idx < recall.shape[1]                    # recall points never reached: 0
+        sampled[t, reached] = precision[t, idx[reached]]
+    final_recall = recall[:, -1] if recall.shape[1] else np.zeros(len(_COCO_IOU_THRESHOLDS))
+    return sampled, final_recall
+
+
+def coco_box_ap(ground_truth, detections):
+    """The 12 COCO box figures, as pycocotools' COCOeval(iouType="bbox") summarises them.
+
+    ground_truth: COCO instances JSON (path or dict); its images and categories define the
+    evaluated set and each annotation's "area" field (not its box) picks its area range.
+    detections: list (or JSON path) of {image_id, category_id, bbox [x, y, w, h], score}.
+    IoU thresholds 0.50:0.05:0.95, 101 recall points, areas all/small/medium/large (32², 96²),
+    up to 1/10/100 detections per image; crowd boxes are ignored regions. Returns
+    {"AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl"};
+    a figure with no ground truth to score (e.g. no small objects) is -1, as in pycocotools.
+    Unlike pycocotools, an empty detection list is accepted (every AP is then 0).
+    """
+    image_ids, category_ids, gt_by_key = _coco_ground_truth(ground_truth)
+    dt_by_key = _coco_detections(detections, image_ids, category_ids)
+    shape = (len(_COCO_IOU_THRESHOLDS), len(category_ids), len(_COCO_AREAS), len(_COCO_MAX_DETS))
+    precision = -np.ones(shape[:1] + (len(_COCO_RECALL_POINTS),) + shape[1:])  # (T, R, K, A, M)
+    recall = -np.ones(shape)                                                  # (T, K, A, M)
+    for k, cat in enumerate(category_ids):
+        per_area = [[] for _ in _COCO_AREAS]
+        for img in image_ids:
+            gts, dts = gt_by_key.get((img, cat), []), dt_by_key.get((img, cat), [])
+            if not gts and not dts:
+                continue
+            order = np.argsort([-d["score"] for d in dts], kind="mergesort")
+            dts = [dts[i] for i in order[:_COCO_MAX_DETS[-1]]]
+            ious = _coco_iou(np.array([d["bbox"] for d in dts], dtype=np.float64).reshape(-1, 4),
+                             np.array([g["bbox"] for g in gts], dtype=np.float64).reshape(-1, 4),
+                             np.array([bool(g.get("iscrowd", 0)) for g in gts], dtype=bool))
+            for a, area in enumerate(_COCO_AREAS):
+                per_area[a].append(_coco_match(gts, dts, ious, area))
+        for a, results in enumerate(per_area):
+            n_counted = sum(r[3] for r in results)
+            if n_counted == 0:                                # nothing to find: stays -1
+                continue
+            for m, max_det in enumerate(_COCO_MAX_DETS):
+                precision[:, :, k, a, m], recall[:, k, a, m] = _coco_accumulate(
+                    results, n_counted, max_det)
+    return _coco_summary(precision, recall)
+
+
+def _coco_summary(precision, recall):
+    out = {}
+    for name, is_ap, thr_index, a, m in _COCO_FIGURES:
+        values = precision[:, :, :, a, m] if is_ap else recall[:, :, a, m]
+        if thr_index is not None:
+            values = values[thr_index:thr_index + 1]
+        values = values[values > -1]
+        out[name] = float(np.mean(values)) if values.size else -1.0
+    return out
