@@ -87,11 +87,13 @@ class Fiber(nn.Module):
 
     def build_heads(self, D, Ct, Ci):
         heads = self.config.heads
-        if "itc" in heads:  # separate maps and poolers for the unimodal (contrastive) paths
-            self.cross_modal_text_transform_itc = nn.Linear(Ct, D)
-            self.cross_modal_image_transform_itc = nn.Linear(Ci, D)
-            self.cross_modal_text_pooler_itc = Pooler(D)
-            self.cross_modal_image_pooler_itc = Pooler(D)
+        # separate maps and poolers for the unimodal (contrastive) paths; every released
+        # checkpoint has them, so they are always built
+        self.cross_modal_text_transform_itc = nn.Linear(Ct, D)
+        self.cross_modal_image_transform_itc = nn.Linear(Ci, D)
+        self.cross_modal_text_pooler_itc = Pooler(D)
+        self.cross_modal_image_pooler_itc = Pooler(D)
+        if "itc" in heads:  # the learned temperature of the contrastive loss
             self.temp = nn.Parameter(torch.tensor(0.07))
         if "itm" in heads:
             self.itm_score = ITMHead(2 * D)
