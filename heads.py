@@ -153,8 +153,8 @@ class FeatureQueue(nn.Module):
         self.image_feats[slots] = image_feats.float()
         self.text_feats[slots] = text_feats.float()
         L = self.text_ids.shape[1]
-        self.text_ids[slots] = text_ids[:, :L]
-        self.text_mask[slots] = text_mask[:, :L]
+        self.text_ids[slots] = pad_to(text_ids, L, value=1)[:, :L]  # 1 = RoBERTa's <pad>
+        self.text_mask[slots] = pad_to(text_mask, L, value=0)[:, :L]
         self.image_index[slots] = image_index
         self.ptr.fill_((int(self.ptr) + n) % self.size)
         self.filled.fill_(min(int(self.filled) + n, self.size))
@@ -246,13 +246,17 @@ class PretrainObjective(nn.Module):
 
     def negative_texts(self, text_state, batch, neg_txt):
         B = text_state.h.shape[0]
-        n = self.queue.valid()
-        all_ids = torch.cat([batch["text_ids"], self.queue.text_ids[:n].to(batch["text_ids"])])
-        all_mask = torch.cat([batch["text_mask"],
-                              self.queue.text_mask[:n].to(batch["text_mask"])])
         if bool((neg_txt < B).all()):
             return text_state.select(neg_txt)
-        return self.model.backbone.text_lower(all_ids[neg_txt], all_mask[neg_txt])
+        n, L = self.queue.valid(), batch["text_ids"].shape[1]
+        # queue entries may be padded wider than this batch; real tokens fit in L because
+        # every caption was truncated to the same maximum length
+        width = max(L, self.queue.text_ids.shape[1])
+        all_ids = torch.cat([pad_to(batch["text_ids"], width, 1), self.queue.text_ids[:n]])
+        all_mask = torch.cat([pad_to(batch["text_mask"], width, 0), self.queue.text_mask[:n]])
+        ids, mask = all_ids[neg_txt], all_mask[neg_txt]
+        keep = max(L, int(mask.sum(1).max()))
+        return self.model.backbone.text_lower(ids[:, :keep], mask[:, :keep])
 
     def matching(self, image_state, text_state, batch, neg_img, neg_txt, load_images):
         """ITM on 3B pairs: (image, text)=1, (image, hard text)=0, (hard image, text)=0."""
@@ -261,7 +265,9 @@ class PretrainObjective(nn.Module):
         neg_images = self.negative_images(image_state, neg_img, load_images)
         neg_texts = self.negative_texts(text_state, batch, neg_txt)
         images = cat_states([image_state, image_state, neg_images])
-        texts = cat_states([text_state, neg_texts, text_state])
+        width = max(text_state.h.shape[1], neg_texts.h.shape[1])
+        positives, neg_texts = widen(text_state, width), widen(neg_texts, width)
+        texts = cat_states([positives, neg_texts, positives])
         logits = m.itm_score(m.fused(images, texts)["cls_feats"])  # (3B, 2)
         labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
         acc = (logits.argmax(-1) == labels).float().mean().detach()
@@ -281,6 +287,22 @@ class PretrainObjective(nn.Module):
         self.queue.push(gather_no_grad(image_feat), gather_no_grad(text_feat),
                         gather_no_grad(batch["text_ids"]), gather_no_grad(batch["text_mask"]),
                         gather_no_grad(batch["index"].to(image_feat.device)))
+
+
+def pad_to(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    """Right-pad token ids or masks (B, L) to (B, width)."""
+    return F.pad(x, (0, width - x.shape[1]), value=value) if x.shape[1] < width else x
+
+
+def widen(text_state, width: int):
+    """Append masked-out positions to a TextState. Masked positions are never attended to,
+    so the real tokens' results are unchanged; this lets texts of two widths share a batch."""
+    extra = width - text_state.h.shape[1]
+    if extra <= 0:
+        return text_state
+    h, mask, ext = text_state.h, text_state.mask, text_state.extended
+    return type(text_state)(F.pad(h, (0, 0, 0, extra)), F.pad(mask, (0, extra)),
+                            F.pad(ext, (0, extra), value=torch.finfo(ext.dtype).min))
 
 
 def cat_states(states):
