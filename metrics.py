@@ -506,47 +506,58 @@ def _coco_iou(dt_boxes, gt_boxes, gt_crowd):
     return np.divide(inter, union, out=np.zeros_like(inter), where=inter > 0)
 
 
-def _coco_match(gts, dts, ious, area):
-    """Greedy matching of one image and category within one area range (COCOeval.evaluateImg).
+def _coco_image(gts, dts):
+    """Arrays for one image and category: detections sorted by score (stable) and cut to 100,
+    their box areas (the area of a detection is w * h, as COCO.loadRes sets it), the ground
+    truth's annotated areas, crowd flags and ids, and the (D, G) IoU matrix."""
+    order = np.argsort([-d["score"] for d in dts], kind="mergesort")[:_COCO_MAX_DETS[-1]]
+    dt_boxes = np.array([dts[i]["bbox"] for i in order], dtype=np.float64).reshape(-1, 4)
+    gt_boxes = np.array([g["bbox"] for g in gts], dtype=np.float64).reshape(-1, 4)
+    crowd = np.array([bool(g.get("iscrowd", 0)) for g in gts], dtype=bool)
+    return {"scores": np.array([dts[i]["score"] for i in order], dtype=np.float64),
+            "dt_area": dt_boxes[:, 2] * dt_boxes[:, 3],
+            "gt_area": np.array([g["area"] for g in gts], dtype=np.float64),
+            "crowd": crowd, "gt_ids": np.array([g["id"] for g in gts]),
+            "ious": _coco_iou(dt_boxes, gt_boxes, crowd)}
 
-    dts are sorted by score. Returns (scores (D,), matched (T, D), dt_ignored (T, D), number
-    of ground truths that count)."""
+
+def _coco_match(image, area):
+    """Greedy matching of one image and category within one area range (COCOeval.evaluateImg).
+    Returns (scores (D,), matched (T, D), dt_ignored (T, D), number of counted ground truths)."""
     lo, hi = area
-    gt_ignored = np.array([bool(g.get("iscrowd", 0)) or not lo <= g["area"] <= hi for g in gts],
-                          dtype=bool)
+    gt_ignored = image["crowd"] | (image["gt_area"] < lo) | (image["gt_area"] > hi)
     order = np.argsort(gt_ignored, kind="mergesort")        # counted ground truth first
-    gt_ignored, ious = gt_ignored[order], ious[:, order]
-    crowd = np.array([bool(gts[i].get("iscrowd", 0)) for i in order], dtype=bool)
-    gt_ids = np.array([gts[i]["id"] for i in order])
-    n_thr, n_dt = len(_COCO_IOU_THRESHOLDS), len(dts)
+    gt_ignored, crowd, ious = gt_ignored[order], image["crowd"][order], image["ious"][:, order]
+    gt_ids = image["gt_ids"][order]
+    n_thr, n_dt = len(_COCO_IOU_THRESHOLDS), len(image["scores"])
     matched_id = np.zeros((n_thr, n_dt))
     dt_ignored = np.zeros((n_thr, n_dt), dtype=bool)
-    for t, thr in enumerate(_COCO_IOU_THRESHOLDS):
-        taken = np.zeros(len(gts), dtype=bool)
-        for d in range(n_dt):
-            m = _coco_best_gt(ious[d], ~taken | crowd, gt_ignored, thr)
-            if m >= 0:
-                matched_id[t, d], dt_ignored[t, d], taken[m] = gt_ids[m], gt_ignored[m], True
+    taken = np.zeros((n_thr, len(gt_ids)), dtype=bool)
+    for d in range(n_dt if len(gt_ids) else 0):             # best-scored detection first
+        m, found = _coco_best_gt(ious[d], ~taken | crowd, gt_ignored)        # (T,) each
+        t = np.flatnonzero(found)
+        matched_id[t, d], dt_ignored[t, d], taken[t, m[t]] = gt_ids[m[t]], gt_ignored[m[t]], True
     # COCOeval keeps the matched ground truth's *id* and tests it against 0, so a ground truth
     # with id 0 never counts as matched; mirrored by deriving `matched` from the ids.
     matched = matched_id != 0
-    dt_area = np.array([d["bbox"][2] * d["bbox"][3] for d in dts])
-    outside = (dt_area < lo) | (dt_area > hi)
+    outside = (image["dt_area"] < lo) | (image["dt_area"] > hi)
     dt_ignored |= ~matched & outside[None, :]               # unmatched and out of range
-    scores = np.array([d["score"] for d in dts], dtype=np.float64)
-    return scores, matched, dt_ignored, int(np.count_nonzero(~gt_ignored))
+    return image["scores"], matched, dt_ignored, int(np.count_nonzero(~gt_ignored))
 
 
-def _coco_best_gt(iou, free, gt_ignored, thr):
-    """Index of the ground truth a detection takes at threshold `thr`, or -1. Counted ground
-    truth wins over ignored ground truth; within a group the highest IoU >= thr wins, the last
-    one on ties (COCOeval walks the list with `>=`). Crowd regions can be taken many times."""
-    for group in (~gt_ignored, gt_ignored):
-        candidates = np.flatnonzero(free & group & (iou >= thr))
-        if len(candidates):
-            best = iou[candidates].max()
-            return int(candidates[iou[candidates] == best][-1])
-    return -1
+def _coco_best_gt(iou, free, gt_ignored):
+    """The ground truth one detection takes at each IoU threshold: (index (T,), found (T,)).
+
+    iou: (G,) its IoU with each ground truth; free: (T, G) not yet taken (crowd regions stay
+    free). As COCOeval's loop decides: counted ground truth wins over ignored ground truth;
+    within the group the highest IoU >= the threshold wins, the last one on ties."""
+    ok = free & (iou[None, :] >= _COCO_IOU_THRESHOLDS[:, None])              # (T, G)
+    counted = ok & ~gt_ignored[None, :]
+    ok = np.where(counted.any(axis=1, keepdims=True), counted, ok & gt_ignored[None, :])
+    masked = np.where(ok, iou[None, :], -1.0)                                 # (T, G)
+    is_best = ok & (masked == masked.max(axis=1, keepdims=True))
+    last_best = iou.shape[0] - 1 - np.argmax(is_best[:, ::-1], axis=1)      # (T,)
+    return last_best, ok.any(axis=1)
 
 
 def _coco_accumulate(results, n_counted_gt, max_det):
@@ -593,13 +604,9 @@ def coco_box_ap(ground_truth, detections):
             gts, dts = gt_by_key.get((img, cat), []), dt_by_key.get((img, cat), [])
             if not gts and not dts:
                 continue
-            order = np.argsort([-d["score"] for d in dts], kind="mergesort")
-            dts = [dts[i] for i in order[:_COCO_MAX_DETS[-1]]]
-            ious = _coco_iou(np.array([d["bbox"] for d in dts], dtype=np.float64).reshape(-1, 4),
-                             np.array([g["bbox"] for g in gts], dtype=np.float64).reshape(-1, 4),
-                             np.array([bool(g.get("iscrowd", 0)) for g in gts], dtype=bool))
+            image = _coco_image(gts, dts)
             for a, area in enumerate(_COCO_AREAS):
-                per_area[a].append(_coco_match(gts, dts, ious, area))
+                per_area[a].append(_coco_match(image, area))
         for a, results in enumerate(per_area):
             n_counted = sum(r[3] for r in results)
             if n_counted == 0:                                # nothing to find: stays -1
