@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from detection_loss import detection_losses
 from detection_ops import (BoxCoder, batched_nms, cell_anchors, clip_boxes, grid_anchors,
@@ -56,6 +57,7 @@ class DetectionHeadConfig:
     pre_nms_top_n: int = 1000    # candidates kept per level and image before NMS
     nms_threshold: float = 0.6   # class-aware NMS IoU threshold (+1 convention)
     detections_per_image: int = 100
+    checkpoint_tower: bool = False  # recompute each tower block in backward: less memory, slower
 
     @classmethod
     def refexp(cls, **overrides):
@@ -311,8 +313,10 @@ class VLDyHead(nn.Module):
         if len(features) != len(self.scales):
             raise ValueError(f"VLDyHead: expected {len(self.scales)} levels, got {len(features)}")
         tower = list(features)
+        recompute = self.config.checkpoint_tower and self.training and torch.is_grad_enabled()
         for block in self.dyhead_tower:
-            tower = block(tower)
+            # each deformable conv keeps ~6 tensors of K*C values per location for backward
+            tower = checkpoint(block, tower, use_reentrant=False) if recompute else block(tower)
         tokens, token_bias = self.text_tokens(text_hidden, text_mask)
         out = {"tower": tower, "bbox_reg": [], "centerness": [], "cls_logits": [],
                "dot_product_logits": []}
@@ -410,7 +414,7 @@ class DetectionHead(nn.Module):
 # ------------------------------------------------------------------------------------------------
 
 def label_to_token_map(positive_map, plus=1):
-    """{label: [token indices]} from a (num_phrases, Lt) positive map; phrase i gets label i+plus."""
+    """{label: [token indices]} of a (num_phrases, Lt) positive map; phrase i is label i+plus."""
     return {i + plus: row.nonzero().view(-1).tolist() for i, row in enumerate(positive_map)}
 
 

@@ -139,8 +139,8 @@ def giou_loss(pred, target, weight=None):
     target_area = (tx2 - tx1) * (ty2 - ty1)
     inter = ((torch.min(x2, tx2) - torch.max(x1, tx1)).clamp(min=0)
              * (torch.min(y2, ty2) - torch.max(y1, ty1)).clamp(min=0))
-    enclosing = (torch.max(x2, tx2) - torch.min(x1, tx1)) * (torch.max(y2, ty2) - torch.min(y1, ty1))
-    enclosing = enclosing + 1e-7
+    enclosing = ((torch.max(x2, tx2) - torch.min(x1, tx1))
+                 * (torch.max(y2, ty2) - torch.min(y1, ty1)) + 1e-7)
     union = pred_area + target_area - inter + 1e-7
     losses = 1 - (inter / union - (enclosing - union) / enclosing)
     if weight is not None and weight.sum() > 0:

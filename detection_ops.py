@@ -29,14 +29,12 @@ def _as_output_grid(t, channels, Ho, Wo, name):
     relies on this by accident (its coarser-level branch passes offsets computed on the finer
     level), so the reinterpretation is reproduced, not rejected.
     """
-    B = t.shape[0]
-    per_sample = t[0].numel() if B > 0 else 0
-    if t.shape[1] * t.shape[2] * t.shape[3] != per_sample or t.shape[1] != channels:
-        raise ValueError(f"modulated_deform_conv2d: `{name}` must have {channels} channels, "
+    if t.dim() != 4 or t.shape[1] != channels:
+        raise ValueError(f"modulated_deform_conv2d: `{name}` must be (B, {channels}, h, w), "
                          f"got shape {tuple(t.shape)}")
     if t.shape[2:] == (Ho, Wo):
         return t
-    need = channels * Ho * Wo
+    B, per_sample, need = t.shape[0], t[0].numel(), channels * Ho * Wo
     if per_sample < need:
         raise ValueError(f"modulated_deform_conv2d: `{name}` of shape {tuple(t.shape)} holds fewer "
                          f"than the {need} values per sample that an output of {Ho}x{Wo} reads")
@@ -107,7 +105,7 @@ def modulated_deform_conv2d(x, offset, mask, weight, bias=None, *, stride=1, pad
         v = table.index_select(0, (index + sample_start).reshape(-1))             # (B*K*Ho*Wo, C)
         v = v.view(B, K, Ho, Wo, C)
         val = w.unsqueeze(-1) * v if val is None else val.addcmul(w.unsqueeze(-1), v)
-    val = val * mask.unsqueeze(-1)                                                # (B, K, Ho, Wo, C)
+    val = val * mask.unsqueeze(-1)                                          # (B, K, Ho, Wo, C)
 
     # im2col matmul: columns ordered (tap, channel) to match the permuted weight
     columns = val.permute(0, 2, 3, 1, 4).reshape(B * Ho * Wo, K * C)

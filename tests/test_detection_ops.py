@@ -86,7 +86,8 @@ def test_dcn_zero_offsets_equal_plain_conv(stride):
 @pytest.mark.parametrize("dy,dx", [(1, -2), (-3, 0), (2, 2)])
 def test_dcn_integer_offsets_equal_shifted_conv(dy, dx):
     torch.manual_seed(1)
-    x, w, b = torch.randn(1, 4, 6, 7).double(), torch.randn(3, 4, 3, 3).double(), torch.randn(3).double()
+    x = torch.randn(1, 4, 6, 7, dtype=torch.float64)
+    w, b = torch.randn(3, 4, 3, 3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
     offset = torch.zeros(1, 18, 6, 7, dtype=torch.float64)
     offset[:, 0::2], offset[:, 1::2] = dy, dx
     out = modulated_deform_conv2d(x, offset, torch.ones(1, 9, 6, 7, dtype=torch.float64), w, b)
@@ -131,7 +132,8 @@ def test_dcn_cross_level_offsets_read_as_smaller_shape():
     # DyHead's coarser-level branch: offsets of a 5x6 level drive a conv whose output is 3x3
     x, offset, mask, weight, bias = _random_dcn_inputs(3, H=3, W=3, off_hw=(5, 6))
     out = modulated_deform_conv2d(x, offset, mask, weight, bias)
-    torch.testing.assert_close(out, _dcn_ref(x, offset, mask, weight, bias, 1, 1), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, _dcn_ref(x, offset, mask, weight, bias, 1, 1),
+                               atol=1e-12, rtol=0)
     # the same as handing over each sample's leading memory explicitly
     lead_off = torch.stack([o.reshape(-1)[:18 * 9].view(18, 3, 3) for o in offset])
     lead_mask = torch.stack([m.reshape(-1)[:9 * 9].view(9, 3, 3) for m in mask])
