@@ -8,10 +8,13 @@ ITC uses the two backbones *without* fusion (image-only and text-only paths, the
 maps and poolers); ITM, MLM, VQA, NLVR2 and captioning read the fused features.
 
 Parameter names follow the released checkpoints where they can (`cross_modal_*`,
-`itm_score`, `mlm_score`, `vqa_classifier`, ...); `original_to_ours` is the one place that maps
-the rest (`vit_model.` -> `backbone.swin.`, the cross-attention modules).
+`itm_score`, `mlm_score`, `vqa_classifier`, ...); loading.py maps the rest (`vit_model.` ->
+`backbone.swin.`, the cross-attention modules). `python model.py export IN OUT.safetensors`
+converts any checkpoint into a pickle-free file under this project's names.
 """
-import re
+import argparse
+import json
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -21,9 +24,18 @@ import torch.nn.functional as F
 from fusion import FusedBackbone, FusionConfig, ImageState, TextState
 from heads import ITMHead, MLMHead, Pooler, classifier
 from roberta import RobertaConfig, causal_additive_mask
-from swin import SwinConfig, resize_bias_table
+from loading import (CheckpointMismatch, convert_original, detect_kind, heads_in, image_size_in, load_partial,
+                     load_strict, ours_to_original, resize_position_tables,
+                     roberta_release_to_ours, swin_release_to_ours)
+from swin import SwinConfig
 
 HEADS = ("itc", "itm", "mlm", "vqa", "nlvr2", "caption")
+
+# The original's optimiser rules match substrings of its parameter names (fiber_utils.py).
+NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
+            "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight")
+HEAD_NAMES = ("vqa_classifier", "nlvr2_classifier", "mlm_score", "itm_score")
+CROSS_NAMES = ("cross_modal", "i2t", "t2i")
 
 
 @dataclass
@@ -200,17 +212,32 @@ class Fiber(nn.Module):
     def load_original_state_dict(self, state_dict: dict, source: str = "state_dict"):
         """Load weights saved under the original FIBER key names, strictly.
 
-        Dropped on purpose (see `DROPPED`): the ITC queues, buffers derived from geometry, and
-        parameters the original never uses. Relative position bias tables of another window
-        size are resized as the original's fine-tuning does. Raises with every missing,
-        unexpected and mis-shaped key named.
+        Dropped on purpose (loading.DROPPED): the ITC queues, buffers derived from geometry
+        and parameters the original never uses. Relative position bias tables of another
+        window size are resized as the original's fine-tuning does (bicubic). Raises
+        CheckpointMismatch naming every missing, unexpected and mis-shaped key.
         """
-        ours = convert_original(state_dict, self)
-        load_strict(self, ours, source)
+        load_strict(self, convert_original(state_dict, self), source, kind="fiber")
         return self
 
+    def load_backbones(self, swin_state=None, roberta_state=None, source="backbones"):
+        """Initialise new pre-training from the unimodal releases: the official Swin
+        checkpoint and roberta-base (either Hugging Face layout). Returns the keys of the
+        model left at their initial values (the fusion modules)."""
+        missing = []
+        if swin_state is not None:
+            sd, _ = swin_release_to_ours(swin_state)
+            sd = resize_position_tables(sd, self)
+            missing += load_partial(self, sd, source, "swin", "backbone.swin.")
+        if roberta_state is not None:
+            sd, _ = roberta_release_to_ours(roberta_state)
+            missing += load_partial(self, sd, source, "roberta", "backbone.text.")
+        return missing
+
     def parameter_groups(self, lr, weight_decay=0.01, lr_mult_head=5.0, lr_mult_cross=5.0):
-        """AdamW groups with the original's rules, applied to the original parameter names."""
+        """AdamW groups with the original's rules, applied to the original parameter names:
+        no decay for biases and norms, heads at lr x lr_mult_head, cross-modal parts (fusion
+        modules, cross_modal_* maps) at lr x lr_mult_cross."""
         groups = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -220,122 +247,85 @@ class Fiber(nn.Module):
             head = any(k in original for k in HEAD_NAMES)
             cross = any(k in original for k in CROSS_NAMES)
             mult = lr_mult_head if head else lr_mult_cross if cross else 1.0
-            key = (decay, mult)
-            groups.setdefault(key, dict(params=[], names=[], lr=lr * mult,
-                                        weight_decay=weight_decay if decay else 0.0,
-                                        lr_mult=mult))
-            groups[key]["params"].append(p)
-            groups[key]["names"].append(name)
+            group = groups.setdefault((decay, mult), dict(
+                params=[], names=[], lr=lr * mult, lr_mult=mult,
+                weight_decay=weight_decay if decay else 0.0))
+            group["params"].append(p)
+            group["names"].append(name)
         return list(groups.values())
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, image_size=None, heads=None, **download_options):
+        """A released FIBER checkpoint by name (downloaded once into the cache) or a path.
 
-# The original's optimiser rules match substrings of its parameter names (fiber_utils.py).
-NO_DECAY = ("bias", "LayerNorm.bias", "LayerNorm.weight", "norm.bias", "norm.weight",
-            "norm1.bias", "norm1.weight", "norm2.bias", "norm2.weight")
-HEAD_NAMES = ("vqa_classifier", "nlvr2_classifier", "mlm_score", "itm_score")
-CROSS_NAMES = ("cross_modal", "i2t", "t2i")
+        Accepts the original `.ckpt` files, this project's exports and plain state_dicts.
+        The heads present in the file decide which heads are built (or pass `heads`).
+        `image_size` other than the file's resizes the position bias tables (e.g. 384 -> 576).
+        """
+        import checkpoints
+        state = checkpoints.load_weights(name_or_path, **download_options)
+        return cls.from_state_file(state, image_size=image_size, heads=heads)
 
-# original name piece -> ours. Order matters: the longer, more specific patterns first.
-_RENAMES = [
-    (r"^vit_model\.", "backbone.swin."),
-    (r"^text_transformer\.", "backbone.text."),
-    (r"\.attn\.norm_i2t_i\.", ".i2t.norm."),
-    (r"\.attn\.qkv_i2t\.", ".i2t.query."),
-    (r"\.attn\.qkv_text_i2t\.", ".i2t.key_value."),
-    (r"\.attn\.proj_i2t\.", ".i2t.proj."),
-    (r"\.attn\.alpha_i2t$", ".i2t.gate"),
-    (r"\.crossattention_t2i\.self\.", ".t2i."),
-    (r"\.crossattention_t2i\.output\.dense\.", ".t2i.proj."),
-    (r"\.alpha_t2i$", ".t2i.gate"),
-]
+    @classmethod
+    def from_state_file(cls, state, image_size=None, heads=None):
+        sd, source = state.tensors, str(state.path)
+        kind = detect_kind(sd)
+        if kind == "fiber-export":
+            meta = json.loads(state.extra.get("metadata", {}).get("fiber_config", "null"))
+            if meta is None:
+                raise ValueError(f"{source}: a fiber export without its fiber_config metadata")
+            config = FiberConfig(**meta)
+            model = cls(config)
+            load_strict(model, sd, source, kind)
+            return model
+        if kind != "fiber":
+            hint = {"fiber-fine": "it is a fine-grained (detection) checkpoint",
+                    "swin": "it holds only a Swin backbone: use Fiber.load_backbones",
+                    "roberta": "it holds only RoBERTa: use Fiber.load_backbones"}
+            raise ValueError(f"{source} is not a coarse FIBER checkpoint: "
+                             f"{hint.get(kind, 'unrecognised key names')}")
+        config = config_for_original(sd, state.extra, image_size, heads)
+        return cls(config).load_original_state_dict(sd, source=source)
 
-
-def original_to_ours(name: str) -> str:
-    for pattern, replacement in _RENAMES:
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
-def ours_to_original(name: str) -> str:
-    swaps = [(r"^backbone\.swin\.", "vit_model."), (r"^backbone\.text\.", "text_transformer."),
-             (r"\.i2t\.norm\.", ".attn.norm_i2t_i."), (r"\.i2t\.query\.", ".attn.qkv_i2t."),
-             (r"\.i2t\.key_value\.", ".attn.qkv_text_i2t."), (r"\.i2t\.proj\.", ".attn.proj_i2t."),
-             (r"\.i2t\.gate$", ".attn.alpha_i2t"), (r"\.t2i\.proj\.", ".crossattention_t2i.output.dense."),
-             (r"\.t2i\.gate$", ".alpha_t2i"), (r"\.t2i\.", ".crossattention_t2i.self.")]
-    for pattern, replacement in swaps:
-        name = re.sub(pattern, replacement, name)
-    return name
-
-
-# Keys of released checkpoints that are deliberately not loaded, with the reason.
-DROPPED = {
-    r"^(image_queue|text_queue|image_input_queue|text_input_queue|text_input_mask_queue"
-    r"|queue_ptr|queue_total)$": "ITC queue state of the training run",
-    r"relative_position_index$": "derived from the window size; rebuilt",
-    r"attn_mask$": "shifted-window mask, derived from the grid; rebuilt",
-    r"position_ids$": "derived position ids; rebuilt",
-    r"^text_transformer\.pooler\.": "RoBERTa's pooler, never used by FIBER",
-    r"crossattention_t2i\.output\.LayerNorm\.": "exists in the original but is never applied",
-    r"^rank_output\.": "a view of row 1 of itm_score.fc; folded into it on load",
-}
+    def export(self, path):
+        """Write the weights under this project's names to a pickle-free safetensors file."""
+        import checkpoints
+        meta = {"fiber_config": json.dumps(self.config.to_dict()), "format": "fiber-export"}
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        return checkpoints.write_safetensors(tensors, path, metadata=meta)
 
 
-def dropped_reason(key: str):
-    for pattern, reason in DROPPED.items():
-        if re.search(pattern, key):
-            return reason
-    return None
+def config_for_original(sd, extra, image_size=None, heads=None) -> FiberConfig:
+    """The FiberConfig an original checkpoint needs, from its shapes and hyper-parameters."""
+    saved = (extra.get("hyper_parameters") or {}).get("config") or {}
+    trained_at = image_size_in(sd)
+    heads = tuple(heads) if heads else heads_in(sd)
+    max_len = saved.get("max_text_len", 40 if "mlm" in heads or "itc" in heads else 50)
+    overrides = dict(heads=heads, max_text_len=int(max_len))
+    if "vqa_classifier.3.weight" in sd:
+        overrides["vqa_answers"] = sd["vqa_classifier.3.weight"].shape[0]
+    return FiberConfig.base(image_size or trained_at, **overrides)
 
 
-def convert_original(state_dict: dict, model: Fiber) -> dict:
-    """Original FIBER names -> this model's names, applying the original's load-time quirks."""
-    sd = dict(state_dict)
-    if "rank_output.weight" in sd and "itm_score.fc.weight" in sd:
-        # the original's rank_output shares storage with row 1 of itm_score.fc and is loaded
-        # after it, so row 1 ends up holding rank_output's values
-        w, b = sd["itm_score.fc.weight"].clone(), sd["itm_score.fc.bias"].clone()
-        w[1:], b[1:] = sd["rank_output.weight"], sd["rank_output.bias"]
-        sd["itm_score.fc.weight"], sd["itm_score.fc.bias"] = w, b
-    unused_alpha = [k for k in sd if re.search(r"encoder\.layer\.(\d+)\.alpha_t2i$", k)
-                    and model.backbone.text.encoder.layer[int(k.split(".")[3])].t2i is None]
-    ours = {}
-    for key, value in sd.items():
-        if dropped_reason(key) or key in unused_alpha:  # gates of unfused layers are unused
-            continue
-        ours[original_to_ours(key)] = value
-    return resize_position_tables(ours, model)
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Model utilities. `export` converts a checkpoint (a release name, an "
+                    "original .ckpt, or a fiber checkpoint) into a pickle-free safetensors "
+                    "file under this project's parameter names, which loads back bit-exactly "
+                    "with Fiber.from_pretrained.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="write a checkpoint's weights as .safetensors")
+    export.add_argument("source", help="release name (e.g. fiber_pretrain) or checkpoint path")
+    export.add_argument("out", help="output path, e.g. fiber_pretrain.safetensors")
+    export.add_argument("--image-size", type=int, default=None,
+                        help="resolution to export at (bias tables resized); default: the file's")
+    args = parser.parse_args(argv)
+
+    model = Fiber.from_pretrained(args.source, image_size=args.image_size)
+    path = model.export(args.out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path} ({n / 1e6:.1f}M parameters, heads {', '.join(model.config.heads)})")
 
 
-def resize_position_tables(sd: dict, model: nn.Module) -> dict:
-    """Resize relative position bias tables saved for another window size (bicubic)."""
-    own = model.state_dict()
-    for key, value in sd.items():
-        if key.endswith("relative_position_bias_table") and key in own:
-            if value.shape != own[key].shape:
-                window = (int(round(own[key].shape[0] ** 0.5)) + 1) // 2
-                sd[key] = resize_bias_table(value.float(), window)
-    return sd
-
-
-class CheckpointMismatch(RuntimeError):
-    pass
-
-
-def load_strict(model: nn.Module, sd: dict, source: str):
-    """load_state_dict(strict) with one error that names every problem key by group."""
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in sd)
-    unexpected = sorted(k for k in sd if k not in own)
-    misshaped = sorted(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-                       for k in sd if k in own and sd[k].shape != own[k].shape)
-    if missing or unexpected or misshaped:
-        lines = [f"{source} does not match this model "
-                 f"({len(missing)} missing, {len(unexpected)} unexpected, "
-                 f"{len(misshaped)} mis-shaped keys)."]
-        for title, keys in (("missing", missing), ("unexpected", unexpected),
-                            ("mis-shaped", misshaped)):
-            if keys:
-                shown = keys[:20] + ([f"... and {len(keys) - 20} more"] if len(keys) > 20 else [])
-                lines.append(f"  {title}: " + "\n    ".join([""] + shown))
-        raise CheckpointMismatch("\n".join(lines))
-    model.load_state_dict(sd, strict=True)
+if __name__ == "__main__":
+    sys.exit(main())

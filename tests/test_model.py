@@ -7,8 +7,8 @@ import torch.nn.functional as F
 
 from conftest import FIXTURES, need_shared
 from heads import PretrainObjective, itc_loss, mlm_loss
-from model import (CheckpointMismatch, Fiber, FiberConfig, dropped_reason, original_to_ours,
-                   ours_to_original)
+from loading import CheckpointMismatch, dropped_reason, original_to_ours, ours_to_original
+from model import Fiber, FiberConfig
 
 
 def tiny_batch(config, B=3, seed=0):
