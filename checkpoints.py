@@ -723,6 +723,7 @@ def _fetch(url: str, part: Path, *, progress: bool, timeout: float) -> int | Non
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                           timeout=timeout)
     except urllib.error.HTTPError as err:
+        err.close()  # the error carries the open response
         if err.code != 416 or not have:
             raise
         # Range not satisfiable: the .part is already complete, or it is longer than the file

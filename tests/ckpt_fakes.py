@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import threading
+import time
 import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -88,7 +89,7 @@ class ExecPayload:
         self.marker = str(marker)
 
     def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+        return (exec, (f"import pathlib; pathlib.Path({self.marker!r}).write_text('ran')",))
 
 
 # --- a local HTTP file server with switchable faults -----------------------------------------
@@ -98,8 +99,8 @@ class FakeServer:
 
     Faults: `cuts` responses in a row stop after `cut_after` body bytes and drop the
     connection; `ignore_range` answers Range requests with the whole file (200);
-    `corrupt_at` flips one byte of every body; `status` answers every request with that code.
-    `requests` records (path, Range header or None) per request.
+    `corrupt_at` flips one byte of every body; `status` answers every request with that code;
+    `delay` seconds pass before each answer. `requests` records (path, Range header or None).
     """
 
     def __init__(self):
@@ -109,6 +110,7 @@ class FakeServer:
         self.ignore_range = False
         self.corrupt_at = None
         self.status = None
+        self.delay = 0.0
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever,
                                         kwargs={"poll_interval": 0.05}, daemon=True)
@@ -140,6 +142,7 @@ def _handler_for(server):
         def do_GET(self):
             range_header = self.headers.get("Range")
             server.requests.append((self.path, range_header))
+            time.sleep(server.delay)
             data = server.body_for(self.path)
             if server.status is not None or data is None:
                 self.send_error(server.status or 404)

@@ -10,6 +10,7 @@ import os
 import pickle
 import socket
 import struct
+import threading
 
 import pytest
 import torch
@@ -539,6 +540,25 @@ def test_complete_part_file_is_not_fetched_again(server, vqa):
     path = ck.download("fiber_vqa", cache_dir=cache, base_url=server.url, progress=False)
     assert server.requests == [("/coarse_grained/fiber_vqa.ckpt", f"bytes={len(data)}-")]
     assert path.read_bytes() == data
+
+
+def test_concurrent_downloads_of_one_file_fetch_it_once(server, vqa):
+    # e.g. every DDP rank resolving the same release at start-up
+    data, cache = vqa
+    server.delay = 0.3
+    results = []
+
+    def fetch():
+        results.append(ck.download("fiber_vqa", cache_dir=cache, base_url=server.url,
+                                   progress=False))
+
+    threads = [threading.Thread(target=fetch) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == [cache / "fiber_vqa.ckpt"] * 3
+    assert len(server.requests) == 1 and results[0].read_bytes() == data
 
 
 def test_corrupted_download_is_detected_and_not_cached(server, vqa):
