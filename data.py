@@ -71,7 +71,7 @@ class Tokenizer:
         return seq if len(seq) <= max_len else seq[: max_len - 1] + seq[-1:]
 
     def encode(self, texts, max_len=40):
-        """texts (str or list of str) -> (ids (B,L), mask (B,L)) long, padded with 1 to L=max_len."""
+        """texts (str or list of str) -> ids (B,L), mask (B,L), long, padded with 1 to max_len."""
         texts = [texts] if isinstance(texts, str) else texts
         ids = torch.full((len(texts), max_len), self.pad_id, dtype=torch.long)  # (B, L)
         mask = torch.zeros((len(texts), max_len), dtype=torch.long)  # (B, L)
@@ -268,13 +268,14 @@ class ImageTransform:
 
     def __call__(self, image, caption="", generator=None):
         if not self.train:
-            return to_normalized_tensor(image.resize((self.size, self.size), Image.BICUBIC)), caption
+            image = image.resize((self.size, self.size), Image.BICUBIC)
+            return to_normalized_tensor(image), caption
         if generator is None:
             raise ValueError("the train transform needs a torch.Generator (see sample_generator)")
         box = (0, 0, *image.size)
         if self.crop_scale is not None:
             box = random_resized_crop_box(*image.size, self.crop_scale, generator)
-        image = image.resize((self.size, self.size), Image.BICUBIC, box=box)
+        image = image.crop(box).resize((self.size, self.size), Image.BICUBIC)
         if _uniform(generator, 0, 1) < self.flip_prob:
             image, caption = image.transpose(Image.FLIP_LEFT_RIGHT), swap_left_right(caption)
         if self.randaug_ops:
@@ -458,13 +459,14 @@ class CaptionDataset(torch.utils.data.Dataset):
         return transform(self.read_image(pair.image), pair.caption, generator)
 
     def __getitem__(self, index):
+        index = range(len(self.pairs))[index]  # a plain int >= 0 (it seeds the augmentation)
         image, caption = self._load(index, self.transform)
         return {"image": image, "caption": caption, "index": index, "epoch": self.epoch}
 
     def load_image_tensor(self, index, train=None):
         """The image of item `index` as (3,S,S). train=None: this dataset's own transform (the
         same view __getitem__ gave this epoch); False: the eval transform; True: augmented."""
-        transform = self.transform
+        index, transform = range(len(self.pairs))[index], self.transform
         if train is not None and train != transform.train:
             transform = ImageTransform(size=transform.size, train=train)
         return self._load(index, transform)[0]

@@ -53,8 +53,8 @@ def test_empty_and_whitespace_text(tok):
     assert tok.decode(ids[0]) == "" and tok.decode(ids[1]) == "   "
 
 
-@pytest.mark.parametrize("text", ["héllo 猫 🐱 Привет", "tab\there\x00nul\x07bell\nnewline",
-                                  "the <mask> is a word here"])
+@pytest.mark.parametrize("text", [
+    "héllo 猫 🐱 Привет", "tab\there\x00nul\x07bell\nnewline", "the <mask> is a word here"])
 def test_unusual_text_round_trips(tok, text):
     ids, mask = tok.encode(text, max_len=64)
     assert ids[0, 0] == 0 and ids[0, mask[0].sum() - 1] == 2
@@ -96,7 +96,8 @@ def write(im, path, **kw):
 def png_header_only(path, width, height):
     """A PNG whose header claims width x height but holds almost no data (a pixel bomb)."""
     def chunk(kind, body):
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+        crc = struct.pack(">I", zlib.crc32(kind + body))
+        return struct.pack(">I", len(body)) + kind + body + crc
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
                      + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
@@ -218,7 +219,7 @@ def test_eval_transform_matches_the_original_preprocessing():
 
 def test_swap_left_right():
     assert swap_left_right("a cat left of a dog") == "a cat right of a dog"
-    assert swap_left_right("Left, right and the leftmost one") == "Right, left and the rightmost one"
+    assert swap_left_right("Left, right, leftmost") == "Right, left, rightmost"
     assert swap_left_right("lefty brighter righteous") == "lefty brighter righteous"
 
 
@@ -250,6 +251,15 @@ def test_random_crop_covers_half_to_all_of_the_area():
         assert 0 <= left < right <= 200 and 0 <= top < bottom <= 120
         assert 0.48 <= w * h / (200 * 120) <= 1.0  # 0.5 up to pixel rounding
         assert 3 / 4 - 0.02 <= w / h <= 4 / 3 + 0.02 or (w, h) == (160, 120)  # or fallback
+
+
+def test_train_crop_is_a_crop_then_a_bicubic_resize():
+    image = noise(90, 60)
+    crop = ImageTransform(size=32, train=True, flip_prob=0.0, randaug_ops=0)
+    x, _ = crop(image, "", torch.Generator().manual_seed(7))
+    box = data.random_resized_crop_box(90, 60, (0.5, 1.0), torch.Generator().manual_seed(7))
+    assert box != (0, 0, 90, 60)
+    assert torch.equal(x, ImageTransform(size=32)(image.crop(box))[0])
 
 
 @pytest.mark.parametrize("name", sorted(data.RANDAUG_OPS))
@@ -472,6 +482,8 @@ def test_images_are_reproducible_and_reloadable_by_index(mixed_dataset):
     plain = mixed_dataset.load_image_tensor(2, train=False)
     assert torch.equal(plain, ImageTransform(size=24)(load_image(mixed_dataset.pairs[2].image))[0])
     assert mixed_dataset.load_images([0, 4, 2]).shape == (3, 3, 24, 24)
+    assert mixed_dataset[-1]["index"] == 4 and torch.equal(mixed_dataset[-1]["image"],
+                                                           mixed_dataset[4]["image"])
     mixed_dataset.set_epoch(1)
     assert not torch.equal(mixed_dataset[2]["image"], item["image"])
 

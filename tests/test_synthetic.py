@@ -62,7 +62,8 @@ def test_scenes_are_pure_functions_of_seed_and_index():
 def test_scenes_are_the_same_in_another_process():
     # `random` seeded with a string hashes it with SHA-512, not with Python's per-process
     # salted hash: a fresh interpreter with another hash seed must build the same scenes.
-    code = "import synthetic; w = synthetic.SyntheticWorld(0); print([w.scene(i) for i in range(5)])"
+    code = ("import synthetic; w = synthetic.SyntheticWorld(0); "
+            "print([w.scene(i) for i in range(5)])")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONHASHSEED": "123"}, check=True).stdout
     assert out.strip() == repr([SCENES[i] for i in range(5)])
