@@ -235,8 +235,7 @@ def _place(obj):
 def _listing(objects, background, rng):
     names = list(_groups(objects).items())
     rng.shuffle(names)
-    parts = [_counted(len(ks), name.rsplit(" ", 1)[0], name.rsplit(" ", 1)[1])
-             for name, ks in names]
+    parts = [_counted(len(ks), *name.rsplit(" ", 1)) for name, ks in names]
     if len(objects) == 1:  # a lone object: say where it is, so that such scenes differ more
         return f"a {background} background with {parts[0]} {_place(objects[0])}"
     return f"{_join(parts)} on a {background} background"
@@ -248,7 +247,8 @@ def _relation_caption(objects, rng):
     if not pairs:
         return None
     a, b = rng.choice(pairs)
-    short = rng.random() < 0.5  # "a red circle" as often as "a small red circle"
+    # "a red circle" as often as "a small red circle", unless that would name both alike.
+    short = rng.random() < 0.5 and (a.color, a.shape) != (b.color, b.shape)
     name_a, name_b = (f"{o.color} {o.shape}" if short else o.name for o in (a, b))
     return f"{_counted(1, *name_a.rsplit(' ', 1))} {_relation(a, b)} " \
            f"{_counted(1, *name_b.rsplit(' ', 1))}"
@@ -403,7 +403,8 @@ def _says_total(rng, first, second):
     n = rng.randint(1, 4)
     total = _count(first.objects, color) + _count(second.objects, color)
     noun = f"{color} object" + ("" if n == 1 else "s")
-    return f"there {'is' if n == 1 else 'are'} exactly {NUMBER_WORDS[n]} {noun} in total", total == n
+    verb = "is" if n == 1 else "are"
+    return f"there {verb} exactly {NUMBER_WORDS[n]} {noun} in total", total == n
 
 
 def _says_background(rng, first, second):
