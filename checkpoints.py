@@ -449,7 +449,9 @@ def write_safetensors(
         for _, t in prepared:
             if sys.byteorder == "big" and t.element_size() > 1:
                 t = _swap_bytes(t)
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            # a fresh buffer: a "contiguous" tensor can still carry a 0 stride on a size-1 dim
+            flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.reshape(-1))
+            f.write(flat.view(torch.uint8).numpy().data)
 
     return atomic_write(path, write)
 

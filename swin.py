@@ -42,6 +42,7 @@ class SwinConfig:
     grad_checkpointing: bool = False  # recompute each block in the backward pass to save memory
 
     def __post_init__(self):
+        self.depths, self.num_heads = tuple(self.depths), tuple(self.num_heads)  # from JSON
         if self.window_size is None:
             self.window_size = self.image_size // 32
         assert len(self.depths) == len(self.num_heads), "one head count per stage"
@@ -280,7 +281,8 @@ class SwinTransformer(nn.Module):
         self.config = config
         self.patch_embed = PatchEmbed(patch_size=config.patch_size, in_chans=config.in_chans,
                                       embed_dim=config.embed_dim)
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        n = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(n - 1, 1) for i in range(n)]
         starts = [sum(config.depths[:i]) for i in range(len(config.depths))]
         self.layers = nn.ModuleList([
             SwinStage(config, i, rates[s:s + d])
