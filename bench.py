@@ -1,0 +1,187 @@
+"""Benchmark: time and memory of a FIBER-B pre-training step and of a fused forward.
+
+    python bench.py                        # pre-training step, batch 2 at 384 px, fp32
+    python bench.py --mode forward --image-size 576 --amp bf16
+    python bench.py --mode step --fixtures ../shared/fixtures   # also check the losses
+
+Shapes are the original's: ITC + ITM with hard negatives (3B fused pairs) + MLM, text length
+40. It prints the matmul rate of this machine measured in the same run, the time per step,
+samples/s, the achieved GFLOP/s of the model, peak memory (process RSS on CPU,
+max_memory_allocated on GPU) and the losses. With --fixtures pointing at the golden fixtures
+of the original code, the weights are the fixture recipe and the inputs the golden ones, so
+the printed ITC and MLM losses can be compared with the original's.
+"""
+import argparse
+import contextlib
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from heads import PretrainObjective
+from model import Fiber, FiberConfig
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("step", "forward"), default="step",
+                   help="a full pre-training step (forward + backward + AdamW) or one fused "
+                        "forward in eval mode (default: step)")
+    p.add_argument("--image-size", type=int, default=384, help="square input size (384)")
+    p.add_argument("--batch-size", type=int, default=2, help="image-caption pairs (2)")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                   help="autocast dtype (none = fp32)")
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in the backward pass (less memory)")
+    p.add_argument("--steps", type=int, default=3, help="timed repetitions after a warm-up")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fixtures", type=Path, default=None,
+                   help="folder of the original's golden fixtures: use its weights and inputs")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    return p.parse_args(argv)
+
+
+def matmul_rate(device, dtype, n=2048, repeats=5):
+    """GFLOP/s of a plain n x n matmul: the ceiling the model's rate is compared against."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    sync(device)
+    return 2 * n**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_memory_gb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def inputs(args, config):
+    """Golden inputs of the original when fixtures are given, else random ones."""
+    B, S, L = args.batch_size, args.image_size, config.max_text_len
+    if args.fixtures:
+        golden = torch.load(args.fixtures / "golden_pretrain384.pt", weights_only=True)["inputs"]
+        images = golden["image"]
+        if S != images.shape[-1]:
+            images = torch.nn.functional.interpolate(images, size=(S, S), mode="bicubic")
+        return dict(images=images[:B], text_ids=golden["text_ids"][:B],
+                    text_mask=golden["text_masks"][:B], mlm_ids=golden["text_ids_mlm"][:B],
+                    mlm_labels=golden["text_labels_mlm"][:B], index=torch.arange(B))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 50000, (B, L), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full((B, L), -100)
+    labels[:, 3:9:2] = ids[:, 3:9:2]
+    mlm_ids = ids.clone()
+    mlm_ids[:, 3:9:2] = 50264
+    return dict(images=torch.randn(B, 3, S, S, generator=g), text_ids=ids,
+                text_mask=torch.ones(B, L, dtype=torch.long), mlm_ids=mlm_ids,
+                mlm_labels=labels, index=torch.arange(B))
+
+
+def build(args):
+    config = FiberConfig.base(args.image_size)
+    config.swin.grad_checkpointing = config.text.grad_checkpointing = args.grad_checkpointing
+    model = Fiber(config)
+    if args.fixtures:
+        sys.path.insert(0, str(args.fixtures))
+        from make_weights import recipe_state_dict
+        model.load_original_state_dict(
+            recipe_state_dict(str(args.fixtures / "keys_pretrain384.json")), "fixture recipe")
+    return model.to(args.device)
+
+
+def autocast(args):
+    if args.amp == "none":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(args.device).type, dtype=dtype)
+
+
+def run_step(objective, optimizer, batch, args):
+    def load_images(indices):  # queue entries are this same batch, re-read by index
+        return batch["images"][torch.as_tensor(indices, device=batch["images"].device)]
+
+    with autocast(args):
+        out = objective(batch, load_images, generator=torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device
+    mm_dtype = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    print(f"device {device}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"matmul 2048^3: {matmul_rate(device, torch.float32):.0f} GFLOP/s fp32"
+          + (f", {matmul_rate(device, mm_dtype):.0f} GFLOP/s {args.amp}"
+             if args.amp != "none" else ""))
+
+    model = build(args)
+    batch = {k: v.to(device) for k, v in inputs(args, model.config).items()}
+    B = args.batch_size
+    if args.compile:
+        model = torch.compile(model)
+
+    if args.mode == "forward":
+        model.eval()
+
+        def work():
+            with torch.no_grad(), autocast(args):
+                return model(batch["images"], batch["text_ids"], batch["text_mask"])
+        samples = B
+    else:
+        objective = PretrainObjective(model).to(device).train()
+        if args.fixtures:  # the goldens are eval-mode numbers: no dropout, no drop path
+            model.eval()
+        optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-5), betas=(0.9, 0.98))
+
+        def work():
+            return run_step(objective, optimizer, batch, args)
+        samples = B
+
+    with FlopCounterMode(display=False) as counter:
+        first = work()  # warm-up, the FLOP count of one repetition, and the losses reported
+    flops = counter.get_total_flops()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        work()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+
+    print(f"{args.mode} batch {B} at {args.image_size} px, amp {args.amp}"
+          f"{', grad checkpointing' if args.grad_checkpointing else ''}: "
+          f"{seconds:.2f} s, {samples / seconds:.2f} samples/s, "
+          f"{flops / seconds / 1e9:.0f} GFLOP/s achieved ({flops / 1e9:.0f} GFLOP), "
+          f"peak memory {peak_memory_gb(device):.2f} GB")
+    if args.mode == "step":
+        print("first-step losses: " + ", ".join(f"{k} {float(first[k]):.4f}"
+                                     for k in ("itc_loss", "itm_loss", "mlm_loss")))
+        if args.fixtures:
+            golden = torch.load(args.fixtures / "golden_pretrain384.pt", weights_only=True)
+            o = golden["outputs"]
+            print(f"original: itc_loss {float(o['itc_loss_inbatch_only']):.4f} (in-batch), "
+                  f"mlm_loss {float(o['mlm_loss']):.4f}; ITM uses random hard negatives")
+
+
+if __name__ == "__main__":
+    main()
