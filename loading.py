@@ -205,12 +205,19 @@ def mismatch_report(model: nn.Module, sd: dict, source: str, kind: str,
     return "\n".join(lines)
 
 
-def load_strict(model: nn.Module, sd: dict, source: str, kind: str = "fiber"):
-    """load_state_dict(strict) with one error that names every problem key by group."""
+def load_strict(model: nn.Module, sd: dict, source: str, kind: str = "fiber",
+                assign: bool = False):
+    """load_state_dict(strict) with one error that names every problem key by group.
+
+    assign=True adopts the file's tensors instead of copying into existing ones (for a model
+    built on the meta device); floating tensors are converted to float32 first.
+    """
     problem = mismatch_report(model, sd, source, kind)
     if problem:
         raise CheckpointMismatch(problem)
-    model.load_state_dict(sd, strict=True)
+    if assign:
+        sd = {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+    model.load_state_dict(sd, strict=True, assign=assign)
 
 
 def load_partial(model: nn.Module, sd: dict, source: str, kind: str, prefix: str):

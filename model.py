@@ -274,10 +274,7 @@ class Fiber(nn.Module):
             meta = json.loads(state.extra.get("metadata", {}).get("fiber_config", "null"))
             if meta is None:
                 raise ValueError(f"{source}: a fiber export without its fiber_config metadata")
-            config = FiberConfig(**meta)
-            model = cls(config)
-            load_strict(model, sd, source, kind)
-            return model
+            return cls.built_from(FiberConfig(**meta), sd, source, kind)
         if kind != "fiber":
             hint = {"fiber-fine": "it is a fine-grained (detection) checkpoint",
                     "swin": "it holds only a Swin backbone: use Fiber.load_backbones",
@@ -285,7 +282,18 @@ class Fiber(nn.Module):
             raise ValueError(f"{source} is not a coarse FIBER checkpoint: "
                              f"{hint.get(kind, 'unrecognised key names')}")
         config = config_for_original(sd, state.extra, image_size, heads)
-        return cls(config).load_original_state_dict(sd, source=source)
+        return cls.built_from(config, sd, source, kind)
+
+    @classmethod
+    def built_from(cls, config, sd, source, kind):
+        """Build on the meta device (no time spent on a random init) and adopt the weights."""
+        with torch.device("meta"):
+            model = cls(config)
+        if kind == "fiber":
+            sd = convert_original(sd, model)
+        load_strict(model, sd, source, kind, assign=True)
+        model.backbone.swin.rebuild_buffers()
+        return model
 
     def export(self, path):
         """Write the weights under this project's names to a pickle-free safetensors file."""

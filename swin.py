@@ -291,6 +291,14 @@ class SwinTransformer(nn.Module):
         self.norm = nn.LayerNorm(config.stage_dim(len(config.depths) - 1))
         self.apply(init_weights)
 
+    def rebuild_buffers(self):
+        """Recompute the derived (non-saved) buffers, e.g. after building on the meta device."""
+        device = self.patch_embed.proj.weight.device
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                module.relative_position_index = relative_position_index(
+                    module.window_size).to(device)
+
     def run_block(self, block: SwinBlock, x, H, W, text=None, text_mask=None):
         if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(block, x, H, W, text, text_mask, use_reentrant=False)

@@ -29,8 +29,8 @@ def recipe(name):
 @pytest.fixture(scope="module")
 def pretrain():
     golden = load_golden("pretrain384")
-    model = Fiber(FiberConfig.base(384)).eval()
-    model.load_original_state_dict(recipe("pretrain384"), source="recipe pretrain384")
+    model = Fiber.built_from(FiberConfig.base(384), recipe("pretrain384"), "recipe", "fiber")
+    model.eval()
     return model, golden["inputs"], golden["outputs"]
 
 
@@ -108,8 +108,8 @@ def test_vqa_at_576_from_384_weights():
         del weights[key]
     del weights["temp"]
     weights.update({k: v for k, v in recipe("vqa576").items() if k.startswith("vqa_classifier")})
-    model = Fiber(FiberConfig.base(576, heads=("vqa",), max_text_len=50)).eval()
-    model.load_original_state_dict(weights, source="recipe pretrain384 + vqa head")
+    config = FiberConfig.base(576, heads=("vqa",), max_text_len=50)
+    model = Fiber.built_from(config, weights, "recipe pretrain384 + vqa head", "fiber").eval()
 
     table = "backbone.swin.layers.0.blocks.0.attn.relative_position_bias_table"
     expected = out["adapted_relative_position_bias_table"]
@@ -133,8 +133,9 @@ def test_nlvr2():
     golden = load_golden("nlvr2_384")
     inp, out = golden["inputs"], golden["outputs"]
     from make_weights import golden_state_dict
-    model = Fiber(FiberConfig.base(384, heads=("nlvr2",), max_text_len=50)).eval()
-    model.load_original_state_dict(golden_state_dict(str(FIXTURES / "keys_nlvr2_384.json")))
+    config = FiberConfig.base(384, heads=("nlvr2",), max_text_len=50)
+    weights = golden_state_dict(str(FIXTURES / "keys_nlvr2_384.json"))
+    model = Fiber.built_from(config, weights, "recipe nlvr2", "fiber").eval()
     first = model(inp["image_0"], inp["text_ids"], inp["text_masks"])
     assert max_diff(first["cls_feats"], out["pair1_cls_feats"]) < TOL
     assert max_diff(first["text_feats"], out["pair1_text_feats"]) < TOL
@@ -152,8 +153,8 @@ def test_caption_at_576():
     from make_weights import golden_state_dict
     weights = golden_state_dict(str(FIXTURES / "keys_caption576.json"),
                                 str(FIXTURES / "keys_pretrain384.json"), 384, 576)
-    model = Fiber(FiberConfig.base(576, heads=("caption",), max_text_len=50)).eval()
-    model.load_original_state_dict(weights)
+    config = FiberConfig.base(576, heads=("caption",), max_text_len=50)
+    model = Fiber.built_from(config, weights, "recipe caption", "fiber").eval()
     image = model.caption_image_tokens(inp["image"])
     assert max_diff(image, out["image_embeds(swin out, no final norm)"]) < TOL
     text_feats, cls = model.caption_forward(image, inp["text_ids"], inp["text_masks"])
