@@ -14,13 +14,14 @@ same parameters, bit for bit, as a run that never stopped. That holds because
   - every global RNG (python, numpy, torch CPU/CUDA) of every rank is saved and restored, and
   - the DataLoader draws its worker seeds from a private generator, not the global one.
 """
+import hashlib
 import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
-import tempfile
 import time
 import warnings
 from bisect import bisect_right
@@ -32,6 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+import checkpoints
 
 # ---------------------------------------------------------------------------------------------
 # Distributed set-up
@@ -97,6 +100,14 @@ def explain_dist_failure(env, err):
     )
 
 
+def is_dist_failure(err):
+    """Whether an exception comes from a failed collective (a dead peer, a timeout)."""
+    if isinstance(err, dist.DistError):
+        return True
+    text = str(err).lower()
+    return any(s in text for s in ("gloo", "nccl", "timed out", "connection", "peer"))
+
+
 def is_main_process():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
@@ -134,6 +145,18 @@ def any_rank(flags, env):
         t = t.to(env.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.cpu().tolist()]
+
+
+def ranks_agree(module, env):
+    """True when every rank holds bit-identical parameters (a collective; a DDP sanity check)."""
+    digest = hashlib.sha256()
+    for p in module.parameters():
+        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    if not env.distributed:
+        return True
+    digests = [None] * env.world_size
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,34 +336,6 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or does not fit the current run."""
 
 
-def _fsync_dir(directory):
-    # The rename itself lives in the directory entry: without this, a power loss right after
-    # os.replace can still lose the new file.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_torch_save(obj, path):
-    """Write to a temp file in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
 def save_checkpoint(path, state):
     """Atomically write `state` to `path`: either the new file or the previous one, never half.
 
@@ -348,11 +343,12 @@ def save_checkpoint(path, state):
     checkpoint at `path` is kept, and a CheckpointError says so.
     """
     try:
-        _atomic_torch_save(state, path)
+        # temp file in the same folder, flush + fsync, os.replace, fsync of the folder
+        checkpoints.atomic_save(state, path)
     except OSError as err:
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err}. The previous checkpoint there (if any) "
-            "is unchanged; free disk space or choose another --out, then resume from it."
+            f"could not write checkpoint {path}: {err}. Free disk space or choose another "
+            "--out, then resume from the last checkpoint."
         ) from err
 
 
@@ -364,16 +360,21 @@ def load_checkpoint(path, *, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def config_differences(saved, current):
-    """Fields whose values differ between two flat dicts, as 'name: saved -> current' lines."""
+def config_differences(saved, current, prefix=""):
+    """Fields whose values differ between two dicts, as 'name: checkpoint A vs now B' lines.
+
+    Nested dicts (a model config's sub-configs) are compared field by field, named a.b.
+    """
     missing = object()
     diffs = []
     for key in sorted(set(saved) | set(current)):
         a, b = saved.get(key, missing), current.get(key, missing)
-        if _normalise(a) != _normalise(b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, prefix=f"{prefix}{key}.")
+        elif _normalise(a) != _normalise(b):
             a = "(absent)" if a is missing else repr(a)
             b = "(absent)" if b is missing else repr(b)
-            diffs.append(f"{key}: checkpoint {a} vs now {b}")
+            diffs.append(f"{prefix}{key}: checkpoint {a} vs now {b}")
     return diffs
 
 
@@ -414,8 +415,22 @@ def save_training_checkpoint(out_dir, state, *, keep_copy):
     last, copy = checkpoint_paths(out_dir, state["step"])
     save_checkpoint(last, state)
     if keep_copy:
-        save_checkpoint(copy, state)
+        _keep_copy(last, copy)
     return last
+
+
+def _keep_copy(last, copy):
+    # A hard link costs no time and no disk: the next save replaces last.pt by a new file
+    # (os.replace), and the link keeps this one. Where links are not supported, copy.
+    copy.unlink(missing_ok=True)
+    try:
+        os.link(last, copy)
+    except OSError:
+        try:
+            with open(last, "rb") as src:
+                checkpoints.atomic_write(copy, lambda f: shutil.copyfileobj(src, f))
+        except OSError as err:
+            raise CheckpointError(f"could not copy {last} to {copy}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,7 +645,8 @@ class Throughput:
 
 
 def progress_bar(total, initial, env, desc="train"):
-    """A tqdm bar on rank 0 (disabled elsewhere) counting optimizer steps."""
+    """A tqdm bar counting optimizer steps, on rank 0 and only in a terminal (in a log file
+    the periodic log lines say the same without a screenful of carriage returns)."""
     from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, disable=not env.is_main,
-                dynamic_ncols=True, file=sys.stdout)
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stdout,
+                disable=not (env.is_main and sys.stdout.isatty()))

@@ -245,7 +245,7 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(T.CheckpointError, match="No space left.*previous checkpoint"):
+    with pytest.raises(T.CheckpointError, match="No space left.*previous file.*kept"):
         T.save_checkpoint(path, {"step": 2, "w": torch.zeros(3)})
     monkeypatch.undo()
     assert T.load_checkpoint(path)["step"] == 1
@@ -255,19 +255,26 @@ def test_failed_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
 def test_periodic_copies_beside_last(tmp_path):
     T.save_training_checkpoint(tmp_path, {"step": 5}, keep_copy=True)
     last = T.save_training_checkpoint(tmp_path, {"step": 6}, keep_copy=False)
-    assert last == tmp_path / "last.pt" and T.load_checkpoint(last)["step"] == 6
+    T.save_training_checkpoint(tmp_path, {"step": 7}, keep_copy=True)  # last.pt replaced again
+    assert last == tmp_path / "last.pt"
     assert T.load_checkpoint(tmp_path / "step_0000005.pt")["step"] == 5
+    assert T.load_checkpoint(tmp_path / "step_0000007.pt")["step"] == 7
+    assert T.load_checkpoint(last)["step"] == 7
 
 
 def test_resume_with_other_settings_names_the_fields():
-    state = {"config": {"embed_dim": 32, "depths": (2, 2)}, "args": {"lr": 1e-4, "out": "a"}}
-    T.check_resume_compatible(state, "x.pt", config={"embed_dim": 32, "depths": [2, 2]},
-                              args={"lr": 1e-4, "out": "b"}, ignore_args={"out"})
+    state = {"config": {"swin": {"embed_dim": 32, "depths": (2, 2)}, "image_size": 64},
+             "args": {"lr": 1e-4, "out": "a"}}
+    same = {"swin": {"embed_dim": 32, "depths": [2, 2]}, "image_size": 64}
+    T.check_resume_compatible(state, "x.pt", config=same, args={"lr": 1e-4, "out": "b"},
+                              ignore_args={"out"})
     with pytest.raises(T.CheckpointError) as err:
-        T.check_resume_compatible(state, "x.pt", config={"embed_dim": 64, "depths": (2, 2)},
+        T.check_resume_compatible(state, "x.pt",
+                                  config={"swin": {"embed_dim": 64, "depths": (2, 2)},
+                                          "image_size": 64},
                                   args={"lr": 1e-3, "out": "a", "accum_steps": 2})
     msg = str(err.value)
-    assert "config.embed_dim: checkpoint 32 vs now 64" in msg
+    assert "config.swin.embed_dim: checkpoint 32 vs now 64" in msg
     assert "--lr: checkpoint 0.0001 vs now 0.001" in msg
     assert "--accum-steps: checkpoint (absent) vs now 2" in msg and "depths" not in msg
 
