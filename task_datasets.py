@@ -265,8 +265,14 @@ def _lookup_references(refs, owners, index):
     return refs[owners[index]]
 
 
-def read_image_for(source, image_size, world=None):
-    """The read_image callable of a source: scene renderer or the file loader."""
+def build_corpus_images(corpus, source, *, image_size, world=None):
+    """The images of a corpus for evaluation (eval transform), with `.corpus` attached. Items
+    are never None: an unreadable image stops the evaluation with its file name, since a
+    benchmark scored on part of its images would not be comparable."""
     kind, _ = parse_source(source)
-    return image_reader(kind, world or SyntheticWorld(seed=0), image_size)
+    images = ImageListDataset(corpus.images, transform=make_transform(image_size, False, "none"),
+                              read_image=image_reader(kind, world or SyntheticWorld(seed=0),
+                                                      image_size))
+    images.corpus = corpus
+    return images
 
