@@ -223,10 +223,9 @@ def reranked(sim, scores, k, dim):
     their ITM score, lifted above every ITC value so that they rank first, in ITM order."""
     out = sim.clone()
     top = sim.topk(min(k, sim.shape[dim]), dim=dim).indices if k > 0 else None
-    lift = sim.max() - min(s for _, _, s in scores) + 1.0
+    rows, cols, values = (torch.tensor(column) for column in zip(*scores))
     itm = torch.full_like(sim, float("nan"))
-    for i, j, s in scores:
-        itm[i, j] = s + lift
+    itm[rows, cols] = values.to(sim.dtype) + (sim.max() - values.min() + 1.0)
     chosen = torch.ones_like(sim, dtype=torch.bool)
     if top is not None:
         chosen = torch.zeros_like(chosen).scatter_(dim, top, True)

@@ -64,7 +64,7 @@ class VQADataset(torch.utils.data.Dataset):
         g = sample_generator(self.seed, self.epoch, index, AUGMENT_STREAM)
         # question and answers travel through the transform as one text, one line each, so
         # that a flip swaps left/right in all of them together
-        text = "\n".join([r.question.replace("\n", " "), *r.answers])
+        text = "\n".join(t.replace("\n", " ") for t in (r.question, *r.answers))
         image, text = self.transform(self.read_image(r.image), text, g)
         question, *answers = text.split("\n")
         labels, scores, _ = vqa_target(answers, self.vocab)
