@@ -92,7 +92,9 @@ class FiberDetectorConfig:
                                         anchor_sizes=(32, 64, 128, 256, 512))
         small = dict(version=version, swin=swin, text=text, num_fused=3, head=head,
                      max_query_len=64, min_size=128, max_size=213,
-                     train_min_sizes=(96, 112, 128, 144, 160))
+                     # a batch is padded to its largest image: sizes above 128 would make
+                     # every step cost as much as the largest
+                     train_min_sizes=(96, 112, 128))
         return cls(**{**small, **overrides})
 
     def to_dict(self) -> dict:
@@ -192,15 +194,30 @@ class FiberDetector(nn.Module):
     def predict(self, images, image_sizes, text_ids, text_mask, label_to_tokens, **settings):
         """Boxes per image: dicts boxes (N, 4) xyxy in input pixels, scores (N,), labels (N,).
 
-        label_to_tokens: {label (1, 2, ...): [token indices]} shared by the batch, e.g. from
-        data_fine.label_to_tokens(positive_map). `settings` override the head config's
-        post-processing (threshold, pre_nms_top_n, nms_threshold, detections_per_image,
-        num_classes; num_classes defaults to max(labels, cls channels)).
+        label_to_tokens: {label (1, 2, ...): [token indices]} shared by the batch (e.g. from
+        data_fine.label_to_tokens(positive_map)), or a list of such maps, one per image (each
+        image has its own caption). `settings` override the head config's post-processing
+        (threshold, pre_nms_top_n, nms_threshold, detections_per_image, num_classes;
+        num_classes defaults to max(largest label, cls channels)).
         """
         out = self(images, image_sizes, text_ids, text_mask)
-        settings.setdefault("num_classes", max([self.config.head.num_cls_channels]
-                                               + [int(k) for k in label_to_tokens]))
-        return self.rpn.postprocess(out, label_to_tokens, image_sizes, **settings)
+        maps = label_to_tokens if isinstance(label_to_tokens, (list, tuple)) else None
+        if maps is None:
+            return self.rpn.postprocess(out, label_to_tokens, image_sizes,
+                                        **self._settings(label_to_tokens, settings))
+        assert len(maps) == images.shape[0], "one label map per image"
+        results = []
+        for b, label_map in enumerate(maps):  # post-process image by image
+            one = {k: [t[b:b + 1] for t in out[k]]
+                   for k in ("bbox_reg", "centerness", "dot_product_logits")}
+            one["anchors"] = out["anchors"]
+            results += self.rpn.postprocess(one, label_map, [image_sizes[b]],
+                                            **self._settings(label_map, settings))
+        return results
+
+    def _settings(self, label_map, settings):
+        labels = [int(k) for k in label_map]
+        return {"num_classes": max([self.config.head.num_cls_channels] + labels), **settings}
 
     # ---------------------------------------------------------------- optimisation
     def parameter_groups(self, lr, *, lang_lr=None, weight_decay=1e-4, bias_lr_factor=2.0,

@@ -1,0 +1,545 @@
+"""Fine-grained training of FIBER: phrase grounding, referring expressions and detection.
+
+    python train_fine.py                     # tiny detector on the embedded synthetic world
+                                             # (~15 min on 2 CPU cores), then held-out AP50 and
+                                             # REC accuracy before and after
+    python train_fine.py --resume auto       # continue the run saved in --out
+    torchrun --nproc_per_node 8 train_fine.py --config base --init fiber_coarse_init \\
+        --data instances_train2017.json --image-root train2017 --batch-size 2 --amp bf16
+    python train_fine.py --config base --data flickr.json --data refs.json:refexp ...
+
+A plain loop over training.py's pieces (distributed set-up, resumable sampler, atomic
+checkpoints, warm-up + multi-step schedule, AMP, accumulation, NaN guard, graceful stop). Two
+things training.py does not have live here: an EMA of the weights (the original's ModelEma,
+decay 0.999, kept in every checkpoint) and the original's optimiser groups (text backbone at its
+own learning rate, biases at 2x with no weight decay; FiberDetector.parameter_groups).
+
+A stopped run resumes bit-exactly (model, EMA, optimiser, schedule, data position, RNG).
+"""
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+import training as T
+from data import SkipTracker, TooManyBadSamples, load_tokenizer
+from data_fine import FineCollator, build_fine_dataset
+from detector import FiberDetector, FiberDetectorConfig, detector_kind, pick_weights
+from eval_fine import synthetic_metrics
+from synthetic import SyntheticWorld, WorldConfig
+
+# Defaults that depend on the model size; every one can be overridden by its flag.
+PRESETS = {
+    "tiny": dict(batch_size=8, steps=400, lr=1e-3, lang_lr=None, weight_decay=0.01,
+                 warmup=40, grad_clip=1.0, save_every=100, log_every=10),
+    # COCO fine-tuning of the released model: lr 1e-5 for both parts, wd 1e-4, no clipping,
+    # 24 epochs of 32 images (e.g. 8 GPUs x 2 x 2 accumulation).
+    "base": dict(batch_size=2, steps=90_000, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
+                 warmup=500, grad_clip=0.0, save_every=2500, log_every=20),
+}
+# Flags that may change when a run is resumed; any other difference is refused.
+RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every",
+                     "no_eval", "log_every", "dist_timeout", "max_skip_fraction",
+                     "max_nonfinite_steps", "eval_scenes"}
+LOSS_NAMES = ("loss_dot_product_token", "loss_reg", "loss_centerness")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train fine-grained FIBER (grounding, referring expressions, detection).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--config", default="tiny", choices=sorted(PRESETS),
+        help="model size: tiny (CPU) or base (Swin-B + RoBERTa-base + DyHead, as released)")
+    add("--version", default="v2", choices=("v2", "v3"),
+        help="fusion version: v3 adds a LayerNorm on the image query (the RefCOCO models)")
+    add("--data", action="append",
+        help="'synthetic' (default) or an annotation file; repeat to mix several. Append "
+             ":detection, :grounding or :refexp when the kind is not recognised")
+    add("--synthetic-scenes", type=int, default=5000,
+        help="training scenes of the synthetic world (each gives ~4.5 samples)")
+    add("--image-root", help="folder the image paths of --data are relative to")
+    add("--instances", help="COCO instances JSON naming the image files of a refs --data")
+    add("--min-size", type=int, help="shorter image side at test time (tiny 128, base 800)")
+    add("--max-size", type=int, help="longest image side (tiny 213, base 1333)")
+    add("--train-sizes", type=int, nargs="+",
+        help="shorter sides to pick from at train time (base: 480 560 640 720 800)")
+    add("--batch-size", type=int, help="micro-batch per rank (preset: tiny 8, base 2)")
+    add("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
+    add("--steps", type=int, help="optimizer steps (preset: tiny 400, base 90000)")
+    add("--lr", type=float, help="learning rate of everything but the text backbone")
+    add("--lang-lr", type=float, help="learning rate of the text backbone (default: --lr)")
+    add("--weight-decay", type=float, help="AdamW weight decay (biases: none)")
+    add("--warmup", type=int, help="linear warm-up steps, from 0.001 x lr")
+    add("--milestones", type=float, nargs="+", default=[0.67, 0.89],
+        help="lr x gamma at these fractions of --steps (the original's schedule)")
+    add("--gamma", type=float, default=0.1, help="lr factor at each milestone")
+    add("--ema", type=float, default=0.999, help="EMA decay of the weights; 0 disables it")
+    add("--eval-ema", action="store_true", help="evaluate the EMA weights instead of the raw")
+    add("--amp", default="none", choices=sorted(T.AMP_DTYPES), help="mixed precision")
+    add("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
+    add("--grad-checkpointing", action="store_true",
+        help="recompute backbone blocks and tower in backward (less memory, slower)")
+    add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    add("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
+    add("--out", default="runs/fine", help="folder for checkpoints (last.pt, step_*.pt)")
+    add("--save-every", type=int, help="checkpoint every N steps")
+    add("--resume", help="'auto' (out/last.pt when it exists) or a checkpoint path")
+    add("--init", help="start from weights: a coarse FIBER checkpoint (original or this "
+                       "project's names, fiber_coarse_init), a fine-grained release or one of "
+                       "our fine checkpoints")
+    add("--eval-every", type=int, default=0, help="held-out evaluation every N steps")
+    add("--eval-scenes", type=int, default=100, help="held-out synthetic scenes to evaluate")
+    add("--no-eval", action="store_true", help="skip every evaluation")
+    add("--log-every", type=int, help="log a line every N steps")
+    add("--max-skip-fraction", type=float, default=0.05,
+        help="stop when more than this fraction of the samples could not be read")
+    add("--max-nonfinite-steps", type=int, default=10,
+        help="stop after this many consecutive steps with a NaN/inf loss")
+    add("--dist-timeout", type=float, default=600.0,
+        help="seconds a rank waits for the others in a collective before giving up")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name, value in PRESETS[args.config].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.data = args.data or ["synthetic"]
+    if args.accum_steps < 1 or args.batch_size < 1:
+        parser.error("--batch-size and --accum-steps must be >= 1")
+    for spec in args.data:
+        path = spec.rsplit(":", 1)[0] if spec.endswith((":detection", ":grounding", ":refexp")) \
+            else spec
+        if path != "synthetic" and not Path(path).is_file():
+            parser.error(f"--data {path}: no such file (or use 'synthetic')")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, data, optimiser
+
+
+def model_config(args):
+    make = FiberDetectorConfig.tiny if args.config == "tiny" else FiberDetectorConfig.base
+    config = make(args.version)
+    for flag, name in (("min_size", "min_size"), ("max_size", "max_size"),
+                       ("train_sizes", "train_min_sizes")):
+        if getattr(args, flag) is not None:
+            value = getattr(args, flag)
+            setattr(config, name, tuple(value) if isinstance(value, list) else value)
+    if args.grad_checkpointing:
+        config.swin.grad_checkpointing = config.text.grad_checkpointing = True
+        config.head.checkpoint_tower = True
+    return config
+
+
+def init_weights(model, spec):
+    """--init: a coarse checkpoint (backbone only), or fine-grained weights (everything)."""
+    import checkpoints
+    state = checkpoints.load_weights(spec)
+    sd = pick_weights(state, ema=False)
+    kind = detector_kind(sd)
+    if kind == "fiber-fine":
+        model.load_original_state_dict(sd, str(state.path))
+    elif kind == "fiber-detector":
+        model.load_own_state_dict(sd, str(state.path))
+    else:
+        new = model.init_from_coarse(sd, str(state.path))
+        T.log(f"--init {spec}: backbone from a {kind} checkpoint; {len(new)} new tensors "
+              "(per-stage norms, FPN, head) start from their initialisation")
+        return
+    T.log(f"--init {spec}: every weight loaded ({kind})")
+
+
+def build_data(args, config, env, tokenizer):
+    """The mixed training set and an endless, resumable stream of its micro-batches."""
+    parts = []
+    for spec in args.data:
+        source, kind = spec, None
+        if spec.endswith((":detection", ":grounding", ":refexp")):
+            source, kind = spec.rsplit(":", 1)
+        world = SyntheticWorld(seed=0, config=WorldConfig(num_train=args.synthetic_scenes))
+        dataset, _ = build_fine_dataset(source, config=config, tokenizer=tokenizer, train=True,
+                                        kind=kind, image_root=args.image_root,
+                                        instances=args.instances, seed=args.seed, world=world)
+        parts.append(dataset)
+    dataset = parts[0] if len(parts) == 1 else ConcatWithEpoch(parts)
+    sampler = T.ResumableBatchSampler(len(dataset), args.batch_size, rank=env.rank,
+                                      world_size=env.world_size, seed=args.seed)
+    loader = T.make_loader(dataset, sampler, collate_fn=FineCollator(config.size_divisibility),
+                           num_workers=args.num_workers, device=env.device)
+    return dataset, T.BatchStream(loader)
+
+
+class ConcatWithEpoch(torch.utils.data.ConcatDataset):
+    """ConcatDataset that passes set_epoch on to its parts (their augmentation needs it)."""
+
+    def set_epoch(self, epoch):
+        for d in self.datasets:
+            d.set_epoch(epoch)
+
+
+def build_optimizer(model, args):
+    groups = model.parameter_groups(args.lr, lang_lr=args.lang_lr, weight_decay=args.weight_decay)
+    for g in groups:
+        g.pop("names")  # for reading only; the optimizer's state_dict stays plain
+    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    milestones = [round(f * args.steps) for f in args.milestones]
+    schedule = T.warmup_multistep(milestones, gamma=args.gamma, warmup_steps=args.warmup,
+                                  warmup_factor=0.001)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+class ModelEma:
+    """Exponential moving average of a model's state (the original's utils/ema.py).
+
+    Floating tensors (parameters and buffers) follow ema = d * ema + (1 - d) * current after
+    every optimizer step; integer buffers are copied.
+    """
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model):
+        current = model.state_dict()
+        for key, value in self.ema.state_dict().items():
+            if value.is_floating_point():
+                value.mul_(self.decay).add_(current[key].detach(), alpha=1 - self.decay)
+            else:
+                value.copy_(current[key])
+
+    def state_dict(self):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state):
+        self.ema.load_state_dict(state)
+
+
+class DetectionObjective(nn.Module):
+    """What DDP wraps: one call computes the detector's losses for a batch."""
+
+    def __init__(self, detector, env):
+        super().__init__()
+        self.detector, self.env = detector, env
+
+    def reduce_mean(self, t):
+        # the original averages the positive counts over GPUs before normalising the losses
+        if not self.env.distributed:
+            return t
+        t = t.detach().clone().to(self.env.device)
+        dist.all_reduce(t)
+        return t / self.env.world_size
+
+    def forward(self, batch):
+        return self.detector.loss(batch["images"], batch["image_sizes"], batch["text_ids"],
+                                  batch["text_mask"], batch["targets"], self.reduce_mean)
+
+
+def loss_fn(objective, batch):
+    if "images" not in batch:  # every sample of this micro-batch was unreadable
+        return {"loss": torch.zeros((), requires_grad=True)}
+    return objective(batch)
+
+
+def to_device(batch, device):
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in batch.items()}
+    if "targets" in batch:
+        moved["targets"] = [{k: v.to(device) for k, v in t.items()} for t in batch["targets"]]
+    return moved
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+@dataclass
+class Run:
+    """The mutable state of one training run (what a checkpoint holds)."""
+    args: argparse.Namespace
+    config: FiberDetectorConfig
+    model: FiberDetector
+    ema: ModelEma
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    stream: T.BatchStream
+    tokenizer: object
+    step: int = 0
+    first_losses: dict = None
+    last_losses: dict = None
+
+
+def checkpoint_state(run, env):
+    rng = T.gather_rng_states(env)  # a collective: every rank calls it
+    return {"step": run.step, "model": run.model.state_dict(),
+            "ema": run.ema.state_dict() if run.ema else None,
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
+            "config": run.config.to_dict(), "args": vars(run.args),
+            "first_losses": run.first_losses, "format": "fiber-detector"}
+
+
+def save(run, env, *, keep_copy):
+    state = checkpoint_state(run, env)
+    if env.is_main:
+        return T.save_training_checkpoint(run.args.out, state, keep_copy=keep_copy)
+    return T.checkpoint_paths(run.args.out, run.step)[0]
+
+
+def resume_path(args):
+    if args.resume == "auto":
+        last = Path(args.out) / "last.pt"
+        return last if last.is_file() else None
+    return Path(args.resume) if args.resume else None
+
+
+def maybe_resume(run, env):
+    """Load --resume into the run; returns whether it did."""
+    path = resume_path(run.args)
+    if path is None:
+        if run.args.resume == "auto":
+            T.log(f"--resume auto: no checkpoint in {run.args.out} yet, starting fresh")
+        return False
+    state = T.load_checkpoint(path)
+    T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
+                              ignore_args=RESUME_MAY_CHANGE)
+    run.model.load_state_dict(state["model"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.stream.load_state_dict(state["data"])
+    run.step, run.first_losses = state["step"], state["first_losses"]
+    T.restore_rank_rng_state(state["rng"], env)
+    T.log(f"resumed from {path} at step {run.step} (epoch {state['data']['epoch']}, "
+          f"micro-batch {state['data']['batch_in_epoch']})")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and logging
+
+
+def evaluate(run, env):
+    """Held-out synthetic metrics (only when training on the synthetic world)."""
+    args = run.args
+    if args.no_eval or not env.is_main or args.data != ["synthetic"]:
+        return {}
+    model = run.ema.ema if (args.eval_ema and run.ema) else run.model
+    was_training = model.training
+    found = synthetic_metrics(model, run.tokenizer, num_scenes=args.eval_scenes,
+                              device=env.device)
+    model.train(was_training)
+    return found
+
+
+def format_metrics(m):
+    return (f"AP50 {100 * m['AP50']:.1f} | AP {100 * m['AP']:.1f} | REC accuracy "
+            f"{100 * m['REC_acc']:.1f} (chance {100 * m['REC_chance']:.1f}) | grounding R@1 "
+            f"{100 * m['ground_R@1']:.1f}")
+
+
+class LossWindow:
+    """Mean losses over the steps since the last read (reduced over ranks when read)."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, losses):
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def read(self, env):
+        means = T.all_reduce_mean({k: v / max(1, self.n) for k, v in self.sums.items()}, env)
+        self.sums, self.n = {}, 0
+        return means
+
+
+def format_losses(losses):
+    short = {"loss": "loss", "loss_dot_product_token": "token", "loss_reg": "giou",
+             "loss_centerness": "ctr"}
+    return " ".join(f"{short[k]} {losses[k]:.3f}" for k in short if k in losses)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(args, env):
+    """Run (or resume) one training run; returns a summary dict (rank 0 has the metrics)."""
+    T.seed_everything(args.seed)  # same init on every rank (DDP also broadcasts it)
+    config = model_config(args)
+    model = FiberDetector(config)
+    if args.init:
+        init_weights(model, args.init)
+    model.to(env.device)
+    tokenizer = load_tokenizer()
+    dataset, stream = build_data(args, config, env, tokenizer)
+    optimizer, scheduler = build_optimizer(model, args)
+    ema = ModelEma(model, args.ema) if args.ema > 0 else None
+    run = Run(args, config, model, ema, optimizer, scheduler,
+              T.make_grad_scaler(env.device, args.amp), stream, tokenizer)
+    T.log(describe(run, env, len(dataset)))
+
+    before = {}
+    if not maybe_resume(run, env):
+        T.seed_everything(args.seed + env.rank)  # drop path and DropBlock differ across ranks
+        before = evaluate(run, env)
+        if before:
+            T.log(f"before training (untrained head): {format_metrics(before)}")
+    objective = DetectionObjective(model, env)
+    wrapped = objective
+    if env.distributed:
+        wrapped = DistributedDataParallel(
+            objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    model.train()
+    summary = loop(run, env, wrapped)
+    if env.distributed:
+        same = T.ranks_agree(model, env)
+        T.log(f"parameters bit-identical on all {env.world_size} ranks: {'yes' if same else 'NO'}")
+    if summary["status"] == "done":
+        summary.update(before=before, after=evaluate(run, env))
+    return summary
+
+
+def loop(run, env, wrapped):
+    args = run.args
+    stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
+    skips = SkipTracker(max_fraction=args.max_skip_fraction)
+    window, meter, skipped = LossWindow(), T.Throughput(), 0
+    bar = T.progress_bar(args.steps, run.step, env)
+    try:
+        while run.step < args.steps:
+            micro = [next(run.stream) for _ in range(args.accum_steps)]
+            for b in micro:
+                skips.update(b)
+                skipped += b["num_skipped"]
+            micro = [to_device(b, env.device) for b in micro]
+            result = T.train_step(wrapped, micro, loss_fn, optimizer=run.optimizer,
+                                  scheduler=run.scheduler, scaler=run.scaler, env=env,
+                                  amp=args.amp, grad_clip=args.grad_clip)
+            run.step += 1
+            guard.update(result, run.step)
+            if not result.nonfinite:
+                window.add(result.losses)
+                if run.ema is not None:
+                    run.ema.update(run.model)
+            meter.update(sum(b["num_samples"] for b in micro) * env.world_size)
+            bar.update(1)
+            bar.set_postfix_str(format_losses(result.losses))
+            after_step(run, env, window, meter)
+            (stop_now,) = T.any_rank([stop.requested], env)
+            if stop_now:
+                path = save(run, env, keep_copy=False)
+                T.log(f"stopped by {stop.name or 'a signal on another rank'} after step "
+                      f"{run.step}/{args.steps}; checkpoint {path}. Resume with: python "
+                      f"train_fine.py <same flags> --out {args.out} --resume auto")
+                return {"status": "stopped", "step": run.step, "checkpoint": str(path)}
+    finally:
+        bar.close()
+        stop.uninstall()
+    path = save(run, env, keep_copy=True)
+    last = window.read(env) if window.n else run.last_losses
+    total_skipped = round(T.all_reduce_mean({"s": skipped}, env)["s"] * env.world_size)
+    return {"status": "done", "step": run.step, "checkpoint": str(path),
+            "first": run.first_losses, "last": last, "skipped_samples": total_skipped,
+            "skipped_steps": guard.total, "overflow_steps": guard.overflows}
+
+
+def after_step(run, env, window, meter):
+    """Periodic logging, checkpointing and evaluation (same steps on every rank)."""
+    args = run.args
+    if run.step % args.log_every == 0 or run.step == args.steps:
+        losses = window.read(env)
+        run.last_losses = losses
+        if run.first_losses is None:
+            run.first_losses = losses
+        sps, sec = meter.read()
+        lr = run.optimizer.param_groups[0]["lr"]
+        T.log(f"step {run.step}/{args.steps} | {format_losses(losses)} | "
+              f"pos {losses.get('num_pos', 0):.0f} | lr {lr:.2e} | {sps:.1f} img/s | "
+              f"{sec:.2f} s/step | peak mem {T.peak_memory_mb(env.device):.0f} MB")
+    if args.save_every and run.step % args.save_every == 0 and run.step < args.steps:
+        path = save(run, env, keep_copy=True)
+        T.log(f"step {run.step}: checkpoint {path}")
+    if args.eval_every and run.step % args.eval_every == 0 and run.step < args.steps:
+        found = evaluate(run, env)
+        if found:
+            T.log(f"step {run.step}: {format_metrics(found)}")
+
+
+def describe(run, env, num_samples):
+    args = run.args
+    n_params = sum(p.numel() for p in run.model.parameters())
+    global_batch = args.batch_size * args.accum_steps * env.world_size
+    cfg = run.config
+    return (f"model {args.config} {cfg.version} ({n_params / 1e6:.1f}M parameters, shorter "
+            f"side {cfg.train_min_sizes} train / {cfg.min_size} test) | data "
+            f"{', '.join(args.data)}: {num_samples} samples | {args.steps} steps of "
+            f"{global_batch} ({args.batch_size} x {args.accum_steps} accum x {env.world_size} "
+            f"ranks) | lr {args.lr:g} (text {args.lang_lr or args.lr:g}) | ema {args.ema:g} | "
+            f"amp {args.amp} | {env.device} | out {args.out}")
+
+
+def report(summary, seconds):
+    """The end-of-run lines: losses first vs last, held-out metrics, the checkpoint."""
+    T.log(f"finished {summary['step']} steps in {seconds / 60:.1f} min")
+    first, last = summary.get("first"), summary.get("last")
+    if first and last:
+        for k in ("loss", *LOSS_NAMES):
+            if k in first and k in last:
+                T.log(f"  {k:23s} {first[k]:.3f} -> {last[k]:.3f} (first / last logging window)")
+    if summary.get("after"):
+        T.log(f"  held-out synthetic, untrained: {format_metrics(summary['before'])}")
+        T.log(f"  held-out synthetic, trained:   {format_metrics(summary['after'])}")
+    T.log(f"  skipped: {summary['skipped_samples']} unreadable samples, "
+          f"{summary['skipped_steps']} non-finite steps, {summary['overflow_steps']} fp16 "
+          "overflow steps")
+    T.log(f"checkpoint: {summary['checkpoint']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    # tiny gradients and optimiser moments decay into subnormal floats, which CPUs process
+    # ~100x slower: a step grew from 7 to 35 CPU-seconds within five steps without this
+    torch.set_flush_denormal(True)
+    env = T.setup_distributed(timeout_s=args.dist_timeout)
+    try:
+        summary = train(args, env)
+        if summary["status"] == "done":
+            report(summary, time.time() - t0)
+        return 0
+    except (T.DivergenceError, TooManyBadSamples, T.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as err:
+        if not (env.distributed and T.is_dist_failure(err)):
+            raise
+        print(T.explain_dist_failure(env, err), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        T.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
