@@ -257,13 +257,13 @@ class CaptionObjective(nn.Module):
         m = self.model
         image_tokens = m.caption_image_tokens(batch["images"])  # (B, Li, C)
         feats, _ = m.caption_forward(image_tokens, batch["text_ids"], batch["text_mask"])
-        logits = m.mlm_score(feats).float()  # (B, Lt, V)
         labels = caption_labels(batch["text_ids"])
-        token_loss = F.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                     reduction="none")  # (B, Lt), 0 where ignored
-        real = labels != -100
+        real = labels != -100  # (B, Lt)
+        # vocabulary logits only where there is a label: most of the step's arithmetic
+        logits = m.mlm_score(feats[real]).float()  # (N, V), N labelled positions
+        token_loss = F.cross_entropy(logits, labels[real], reduction="none")  # (N,)
         mle = token_loss.sum() / real.sum().clamp(min=1)
-        acc = (logits.argmax(-1) == labels)[real].float().mean().nan_to_num(0.0)
+        acc = (logits.argmax(-1) == labels[real]).float().mean().nan_to_num(0.0)
         out = dict(caption_loss=mle.detach(), caption_acc=acc.detach())
         if self.mode == "gold" and self.training:
             out["loss"] = self.gold_loss(batch, token_loss, labels)
@@ -286,18 +286,21 @@ class CaptionObjective(nn.Module):
         return self._frozen[0]
 
     def gold_loss(self, batch, token_loss, labels):
-        frozen = self.frozen_model()
+        """token_loss (N,): the loss at each labelled position of labels (B, Lt)."""
+        frozen, real = self.frozen_model(), labels != -100
         with torch.no_grad():
             tokens = frozen.caption_image_tokens(batch["images"])
             feats, _ = frozen.caption_forward(tokens, batch["text_ids"], batch["text_mask"])
-            logp = torch.log_softmax(frozen.mlm_score(feats).float(), -1)
-            ref_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0]  # (B, Lt)
+            logp = torch.log_softmax(frozen.mlm_score(feats[real]).float(), -1)
+            ref_logp = torch.zeros(labels.shape, device=logp.device)  # (B, Lt)
+            ref_logp[real] = logp.gather(1, labels[real][:, None])[:, 0]
             weights = gold_weights(ref_logp, labels, self.gold_min_weight)
+        weighted = torch.zeros(labels.shape, device=token_loss.device)
+        weighted[real] = weights[real] * token_loss
         # per caption: weighted sum over its tokens / its token count; then the batch mean.
         # (The original divides by the number of *padded* positions instead, which depends on
         # the padding width; the token count is what the mean was meant to be.)
-        real = (labels != -100).sum(1).clamp(min=1)
-        return ((weights * token_loss).sum(1) / real).mean()
+        return (weighted.sum(1) / real.sum(1).clamp(min=1)).mean()
 
     def cider_loss(self, batch, image_tokens):
         """REINFORCE on sampled captions; returns (loss, mean CIDEr-D of the samples)."""
@@ -306,10 +309,11 @@ class CaptionObjective(nn.Module):
                                 max_len=self.max_len)  # (B*n, L)
         mask = (ids != generation.PAD_ID).long()
         feats, _ = m.caption_forward(image_tokens.repeat_interleave(n, 0), ids, mask)
-        logp = torch.log_softmax(m.mlm_score(feats).float(), -1)
         labels = caption_labels(ids)
         real = labels != -100
-        token_logp = logp.gather(-1, labels.clamp(min=0)[..., None])[..., 0] * real
+        logp = torch.log_softmax(m.mlm_score(feats[real]).float(), -1)  # (N, V)
+        token_logp = torch.zeros(labels.shape, device=logp.device)  # (B*n, L)
+        token_logp[real] = logp.gather(1, labels[real][:, None])[:, 0]
         mean_logp = token_logp.sum(1) / real.sum(1).clamp(min=1)  # (B*n,)
         captions = generation.decode(ids, self.tokenizer)
         refs = [r for r in batch["references"] for _ in range(n)]
