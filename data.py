@@ -146,8 +146,10 @@ def load_image(path, *, max_pixels=None):
     if path.stat().st_size == 0:
         raise ImageLoadError(path, "empty file (0 bytes)")
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    caught = []
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we refuse instead
             with Image.open(path) as im:
                 w, h = im.size
@@ -162,6 +164,9 @@ def load_image(path, *, max_pixels=None):
         raise ImageLoadError(path, "not an image Pillow can read (unknown or wrong format)")
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(path, f"corrupt or truncated image data ({e})")
+    finally:
+        for w in caught:  # Pillow's complaints about damaged metadata, told with the file name
+            log.warning(f"{path}: {' '.join(str(w.message).split())}")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -172,7 +177,7 @@ def sample_generator(seed, epoch, index, stream):
     return torch.Generator().manual_seed(int(state[0]))
 
 
-AUGMENT_STREAM, MLM_STREAM = 0, 1
+AUGMENT_STREAM, MLM_STREAM, SUBSTITUTE_STREAM = 0, 1, 2
 
 
 def to_normalized_tensor(image):
@@ -316,14 +321,20 @@ class Pair:
     caption: str
 
 
-def read_json(path):
-    """Parse a JSON file; a syntax error names the file, line and column."""
+def read_annotation_text(path):
+    """The text of an annotation file, or an AnnotationError naming it. A UTF-8 byte-order
+    mark (which Windows editors write) is dropped: json.loads would call it invalid JSON."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except (FileNotFoundError, IsADirectoryError):
         raise AnnotationError(f"{path}: annotation file not found")
     except UnicodeDecodeError as e:
-        raise AnnotationError(f"{path}: not UTF-8 text ({e})")
+        raise AnnotationError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8")
+
+
+def read_json(path):
+    """Parse a JSON file; a syntax error names the file, line and column."""
+    text = read_annotation_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -400,10 +411,9 @@ def load_coco_captions(path, image_root=None, *, allow_outside_root=False):
 def load_jsonl_captions(path, image_root=None, *, allow_outside_root=False):
     """JSON lines {"image": path, "caption": text} -> pairs. Image paths are relative to
     `image_root` (default: the JSONL file's folder). Blank lines are ignored."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (FileNotFoundError, IsADirectoryError):
-        raise AnnotationError(f"{path}: annotation file not found")
+    # Split on "\n" only: str.splitlines() also breaks at U+2028, U+0085 and other separators,
+    # which web-scraped captions contain and JSON allows unescaped inside a string.
+    lines = read_annotation_text(path).split("\n")
     root = Path(image_root) if image_root is not None else Path(path).parent
     pairs, empty = [], []
     for number, line in enumerate(lines, start=1):
@@ -477,11 +487,18 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 
 class SkipBadSamples(torch.utils.data.Dataset):
-    """Wraps a dataset: an item that raises BadSample becomes None, with a one-line warning.
-    Every other attribute (set_epoch, load_images, captions, ...) is the wrapped dataset's."""
+    """Wraps a dataset: an item that raises BadSample is skipped with a one-line warning.
 
-    def __init__(self, dataset):
-        self.dataset = dataset
+    replace=False: the item becomes None (the collator drops it, the batch shrinks).
+    replace=True: a stand-in item takes its place, drawn from (seed, epoch, index) so a resumed
+    run draws the same one; it carries "replaced": the bad index, so it is still counted as
+    a skip. Under DDP every rank must hold equally many samples (the ITC gathers and the
+    gradient all-reduce need it), so distributed runs want replace=True.
+    Every other attribute (set_epoch, captions, ...) is the wrapped dataset's.
+    """
+
+    def __init__(self, dataset, *, replace=False, max_tries=8):
+        self.dataset, self.replace, self.max_tries = dataset, replace, max_tries
 
     def __len__(self):
         return len(self.dataset)
@@ -490,8 +507,42 @@ class SkipBadSamples(torch.utils.data.Dataset):
         try:
             return self.dataset[index]
         except BadSample as e:
-            log.warning(f"skipping sample {index}: {e}")
-            return None
+            bad = e
+        if self.replace:
+            for other in self._stand_ins(index):
+                try:
+                    item = self.dataset[other]
+                except BadSample:
+                    continue  # a bad file of its own, warned about when its turn comes
+                log.warning(f"skipping sample {index}: {bad}; sample {other} takes its place")
+                return dict(item, replaced=range(len(self))[index])
+        log.warning(f"skipping sample {index}: {bad}")
+        return None
+
+    def _stand_ins(self, index):
+        """Up to max_tries other indices, a pure function of (seed, epoch, index)."""
+        seed, epoch = getattr(self.dataset, "seed", 0), getattr(self.dataset, "epoch", 0)
+        index = range(len(self))[index]
+        g = sample_generator(seed, epoch, index, SUBSTITUTE_STREAM)
+        draws = torch.randint(len(self), (self.max_tries,), generator=g).tolist()
+        return [i for i in draws if i != index]
+
+    def load_images(self, indices):
+        """The wrapped dataset's images (n,3,S,S). A file that became unreadable since it was
+        first loaded (deleted, a network file system hiccup) gets a stand-in's image with a
+        warning, instead of ending a run in the middle of a step."""
+        try:
+            return self.dataset.load_images(indices)
+        except BadSample:
+            return torch.stack([self._image_or_stand_in(int(i)) for i in indices])
+
+    def _image_or_stand_in(self, index):
+        for other in [index, *self._stand_ins(index)]:
+            try:
+                return self.dataset.load_image_tensor(other)
+            except BadSample as e:
+                log.warning(f"re-reading sample {other} for the ITM queue failed: {e}")
+        raise BadSample(f"sample {index} and its {self.max_tries} stand-ins are unreadable")
 
     def __getattr__(self, name):
         if name == "dataset":  # not set yet (e.g. while unpickling): avoid endless recursion
@@ -512,14 +563,15 @@ def _render_scene(world, size, index):
 
 def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384, train=True,
                            seed=0, image_root=None, allow_outside_root=False, augment=None,
-                           skip_bad=True, world=None):
+                           skip_bad=True, replace_bad=False, world=None):
     """Image-caption pairs for pre-training, from "synthetic" or a .json / .jsonl file.
 
     split: for "synthetic", the scene range (train/val/test); a file is one split by itself.
     augment: "full", "flip" or "none" when train=True. Default "full" for files and "flip"
     for the synthetic world, whose captions name every object and colour: a crop can cut an
     object out and colour ops can shift a named colour, which would make the caption false.
-    skip_bad: wrap in SkipBadSamples, so unreadable images become None for the collator.
+    skip_bad: wrap in SkipBadSamples, so unreadable images become None for the collator;
+    replace_bad: ... or are replaced by a stand-in sample (needed under DDP, see there).
     """
     augment = augment or ("flip" if source == "synthetic" else "full")
     if augment not in AUGMENTATIONS:
@@ -535,23 +587,32 @@ def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384,
                              f"or a .jsonl file")
         pairs = loaders[Path(source).suffix](source, image_root,
                                              allow_outside_root=allow_outside_root)
+        if not pairs:
+            raise AnnotationError(f"{source}: no image-caption pairs in it (every caption empty, "
+                                  f"or no entries at all)")
         read_image = load_image
     transform = ImageTransform(size=image_size, train=train, **AUGMENTATIONS[augment])
     dataset = CaptionDataset(pairs, transform=transform, read_image=read_image, seed=seed,
                              name=str(source))
-    return SkipBadSamples(dataset) if skip_bad else dataset
+    return SkipBadSamples(dataset, replace=replace_bad) if skip_bad else dataset
 
 
 # ----------------------------------------------------------------------------- batching
+
+def count_skipped(items):
+    """Bad samples among a batch's items: None (dropped) or a stand-in ("replaced")."""
+    return sum(item is None or "replaced" in item for item in items)
+
 
 class PretrainCollator:
     """Items (None for skipped bad samples) -> the pre-training batch.
 
     Keys: images (B,3,S,S) float32, text_ids / text_mask / mlm_ids / mlm_labels (B,L) long,
-    index (B,) long, captions (list of str), num_samples and num_skipped (ints). The MLM mask
-    of an item depends only on (seed, epoch, index). If every item was bad, the batch holds
-    only the two counts. `skipped` / `seen` count in this process only: with DataLoader
-    workers, sum num_skipped from the batches instead (SkipTracker does).
+    index (B,) long, captions (list of str), num_samples and num_skipped (ints; a stand-in
+    for a bad sample counts as a skip). The MLM mask of an item depends only on (seed, epoch,
+    index). If every item was bad, the batch holds only the two counts. `skipped` / `seen`
+    count in this process only: with DataLoader workers, sum num_skipped from the batches
+    instead (SkipTracker does).
     """
 
     def __init__(self, tokenizer, max_len=40, mlm_prob=0.15, seed=0):
@@ -569,7 +630,7 @@ class PretrainCollator:
 
     def __call__(self, items):
         good = [item for item in items if item is not None]
-        batch = {"num_samples": len(items), "num_skipped": len(items) - len(good)}
+        batch = {"num_samples": len(items), "num_skipped": count_skipped(items)}
         self.seen, self.skipped = self.seen + len(items), self.skipped + batch["num_skipped"]
         if not good:
             return batch
@@ -593,10 +654,12 @@ class SkipTracker:
     update(batch) returns whether the batch has anything to train on; it raises
     TooManyBadSamples once at least `min_samples` were seen and the skipped fraction is above
     `max_fraction`. end_epoch() checks the whole epoch, returns a summary line and resets.
+    `reduce(seen, skipped) -> (seen, skipped)` sums the counts over ranks at the end of an
+    epoch (an all-reduce), so that every rank reports and decides on the same numbers.
     """
 
-    def __init__(self, max_fraction=0.05, min_samples=256):
-        self.max_fraction, self.min_samples = max_fraction, min_samples
+    def __init__(self, max_fraction=0.05, min_samples=256, reduce=None):
+        self.max_fraction, self.min_samples, self.reduce = max_fraction, min_samples, reduce
         self.seen = self.skipped = 0
 
     def _check(self):
@@ -614,6 +677,8 @@ class SkipTracker:
         return "images" in batch
 
     def end_epoch(self):
+        if self.reduce is not None:
+            self.seen, self.skipped = (int(n) for n in self.reduce(self.seen, self.skipped))
         self._check()
         line = f"skipped {self.skipped} of {self.seen} samples"
         self.seen = self.skipped = 0
