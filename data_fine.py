@@ -1,18 +1,16 @@
 """Data of the fine-grained stage: boxes paired with text.
 
-Three annotation formats and the synthetic world become one kind of sample, an image with boxes
-where every box belongs to a *label*, and every label to a set of text tokens:
+Three annotation formats and the synthetic world become one kind of sample, an image with
+boxes where every box belongs to a *label*, and every label to a set of text tokens:
 
-| source                                   | text                                  | label of a box        |
-|------------------------------------------|---------------------------------------|-----------------------|
-| COCO instances JSON (detection)          | category names joined by ". "         | its category          |
-| MDETR-style grounding JSON (Flickr30k)   | the image's caption                   | its phrase            |
-| RefCOCO-like refs JSON                   | one referring expression              | the expression (1)    |
-| the synthetic world (default)            | all three of the above, per scene     |                       |
+| source                                 | text                              | label of a box |
+|----------------------------------------|-----------------------------------|----------------|
+| COCO instances JSON (detection)        | category names joined by ". "     | its category   |
+| MDETR-style grounding JSON (Flickr30k) | the image's caption               | its phrase     |
+| RefCOCO-like refs JSON                 | one referring expression          | 1              |
+| the synthetic world (default)          | all three of the above, per scene |                |
 
-A label's tokens come from character spans of the text: tokenize with offsets, find the tokens
-under the first and last character (with the original's ±1/±2 fallbacks when a span does not sit
-on token boundaries), and mark them in the "positive map" (labels x Lt). The detection
+How a label's character spans become tokens (the positive map) is in prompts.py. The detection
 transform is the original's: shorter side `min_size` (one of several at train time), longer
 side at most `max_size`, BGR 0-255 pixels normalised by the detectron mean/std, batches
 zero-padded bottom/right to a multiple of 32 by the collator.
@@ -21,7 +19,6 @@ Every random choice (train size, flip, prompt order and negatives) comes from a 
 seeded by (seed, epoch, index), so a resumed run sees the same samples.
 """
 import logging
-import random
 import re
 from dataclasses import dataclass
 from functools import partial
@@ -33,14 +30,13 @@ from PIL import Image
 
 from data import (AnnotationError, SkipBadSamples, _field, load_image, read_json,
                   resolve_image_path, sample_generator)
-from detection import label_to_token_map
+from prompts import clean_name, detection_text, encode_with_spans, fit_prompt, positive_map
 from synthetic import SHAPES, SyntheticWorld
 
 log = logging.getLogger("fiber.data_fine")
 
 PIXEL_MEAN = (103.530, 116.280, 123.675)  # BGR, 0-255 (detectron / GLIP convention)
 PIXEL_STD = (57.375, 57.120, 58.395)
-SEPARATOR = ". "  # between category names in a detection prompt (no trailing period)
 FINE_STREAM = 2  # generator stream of fine-grained augmentation (data.py uses 0 and 1)
 
 
@@ -124,92 +120,6 @@ def detection_transform(config, train):
                               flip_prob=0.5 if train else 0.0)
 
 
-# ----------------------------------------------------------------------------- text
-
-def clean_name(name):
-    """A category name as the original writes it into prompts: no "(...)", "_" -> " "."""
-    name = re.sub(r"\(.*\)", "", name)
-    name = re.sub(r"_", " ", name)
-    return re.sub(r"  ", " ", name)
-
-
-def build_prompt(names, separator=SEPARATOR):
-    """Names -> (prompt, [(start, end)] char span of each name)."""
-    prompt, spans = "", []
-    for i, name in enumerate(names):
-        spans.append((len(prompt), len(prompt) + len(name)))
-        prompt += name + (separator if i < len(names) - 1 else "")
-    return prompt, spans
-
-
-def char_to_token_table(offsets, length):
-    """For each character of the text, the index of the token covering it (or -1)."""
-    table = [-1] * length
-    for t, (start, end) in enumerate(offsets):
-        for c in range(start, min(end, length)):
-            if table[c] < 0:  # bytes of one character may span several tokens: keep the first
-                table[c] = t
-    return table
-
-
-def span_tokens(table, start, end):
-    """(first, last) token of the char span [start, end), or None. Like the original, a
-    boundary that falls on a space or outside the tokens is retried 1 and 2 characters in."""
-    def at(c):
-        return table[c] if 0 <= c < len(table) and table[c] >= 0 else None
-
-    first = next((t for t in (at(start), at(start + 1), at(start + 2)) if t is not None), None)
-    last = next((t for t in (at(end - 1), at(end - 2), at(end - 3)) if t is not None), None)
-    if first is None or last is None or last < first:
-        return None
-    return first, last
-
-
-def encode_with_spans(tokenizer, text, label_spans, max_len, where=""):
-    """Tokenize `text` and map each label's char spans to tokens.
-
-    label_spans: {label: [(start, end), ...]}. Returns ids (max_len,), mask (max_len,) and
-    {label: sorted token indices}; a label whose spans map to no token, or only to tokens past
-    the max_len cut, gets no entry (with a warning). A text longer than max_len tokens is
-    truncated, keeping </s> last, with a warning.
-    """
-    full_ids, offsets = tokenizer.encode_with_offsets(text, max_len=10**9)
-    ids, mask = tokenizer.encode([text], max_len)
-    if len(full_ids) > max_len:
-        log.warning(f"{where}: text of {len(full_ids)} tokens truncated to {max_len} "
-                    f"(max_query_len): {text[:60]!r}...")
-    table = char_to_token_table(offsets, len(text))
-    tokens = {}
-    for label, spans in label_spans.items():
-        found = set()
-        for start, end in spans:
-            hit = span_tokens(table, start, end)
-            if hit is None:
-                log.warning(f"{where}: phrase {text[start:end]!r} (chars {start}-{end}) covers "
-                            "no token; it is left out")
-                continue
-            found.update(t for t in range(hit[0], hit[1] + 1) if t < max_len - 1)
-        if found:
-            tokens[label] = sorted(found)
-        elif spans:
-            log.warning(f"{where}: label {label} has no token within the first {max_len}; its "
-                        "boxes are left out")
-    return ids[0], mask[0], tokens
-
-
-def positive_map(label_tokens, labels, max_len):
-    """(G, max_len) binary map: row i marks the tokens of box i's label."""
-    pm = torch.zeros(len(labels), max_len)
-    for i, label in enumerate(labels):
-        pm[i, label_tokens.get(int(label), [])] = 1.0
-    return pm
-
-
-def label_to_tokens(pm, plus=1):
-    """{label: [token indices]} of a (num_labels, Lt) positive map; row i is label i + plus."""
-    return label_to_token_map(pm, plus=plus)
-
-
 # ----------------------------------------------------------------------------- samples
 
 @dataclass
@@ -246,7 +156,8 @@ def clean_boxes(boxes, width, height, where):
 def _bbox(entry, where):
     box = _field(entry, "bbox", (list,), where)
     if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
-        raise AnnotationError(f"{where}: field 'bbox' must be [x, y, width, height], got {box!r:.60}")
+        raise AnnotationError(f"{where}: field 'bbox' must be [x, y, width, height], "
+                              f"got {box!r:.60}")
     return [float(v) for v in box]
 
 
@@ -423,13 +334,14 @@ def referred_span(text, shape):
     return start, end
 
 
-def synthetic_samples(world, split, tasks=("detection", "grounding", "refexp")):
+def synthetic_samples(world, split, tasks=("detection", "grounding", "refexp"), limit=None):
     """Per scene of the split: a detection sample (shape categories), a grounding sample (its
     listing caption with a span per object group) and one sample per referring expression.
-    Boxes are in units of the image side (0..1); the dataset scales them to the rendering."""
+    Boxes are in units of the image side (0..1); the dataset scales them to the rendering.
+    limit: only the first `limit` scenes of the split."""
     samples = []
     label_of = {shape: label for label, shape in SYNTHETIC_NAMES.items()}
-    for index in world.split_range(split):
+    for index in world.split_range(split)[:limit]:
         scene = world.scene(index)
         boxes = torch.tensor(scene.boxes(1), dtype=torch.float32)
         if "detection" in tasks:
@@ -453,33 +365,6 @@ def synthetic_samples(world, split, tasks=("detection", "grounding", "refexp")):
 
 
 # ----------------------------------------------------------------------------- dataset
-
-def detection_text(names, positives, generator, *, train):
-    """The prompt of a detection sample: every category at eval (label order); at train time
-    the positives plus a random share of the negatives, shuffled (the original's simplified
-    recipe: all categories half of the time, else each negative with probability 1/2)."""
-    labels = sorted(names)
-    if train:
-        rng = random.Random(int(torch.randint(2**31, (), generator=generator)))
-        keep_all = rng.random() < 0.5
-        labels = [lb for lb in labels if lb in positives or keep_all or rng.random() < 0.5]
-        rng.shuffle(labels)
-    prompt, spans = build_prompt([names[lb] for lb in labels])
-    return prompt, {lb: [span] for lb, span in zip(labels, spans)}
-
-
-def fit_prompt(names, label_spans, prompt, tokenizer, max_len, positives):
-    """Drop negative categories from the end of a prompt until it fits max_len tokens."""
-    order = sorted(label_spans, key=lambda lb: label_spans[lb][0][0])
-    while len(tokenizer.encode_with_offsets(prompt, 10**9)[0]) > max_len:
-        negatives = [lb for lb in order if lb not in positives]
-        if not negatives:
-            break  # positives alone overflow: encode_with_spans truncates with a warning
-        order.remove(negatives[-1])
-        prompt, spans = build_prompt([names[lb] for lb in order])
-        label_spans = {lb: [span] for lb, span in zip(order, spans)}
-    return prompt, label_spans
-
 
 class FineDataset(torch.utils.data.Dataset):
     """FineSamples -> model-ready items (see __getitem__); one class for every source.
@@ -635,24 +520,3 @@ def guess_kind(path):
     raise AnnotationError(f"{path}: not a COCO instances, MDETR grounding or refs file; pass "
                           "kind= explicitly")
 
-
-def detection_prompts(categories, tokenizer, max_len):
-    """Evaluation prompts covering every category: [(prompt, {label: [tokens]})], as few as
-    fit `max_len` tokens each (one when they all fit, like COCO; chunks like LVIS)."""
-    chunks, current = [], []
-    for label, _, name in categories:
-        trial = current + [(label, clean_name(name))]
-        prompt, _ = build_prompt([n for _, n in trial])
-        if current and len(tokenizer.encode_with_offsets(prompt, 10**9)[0]) > max_len:
-            chunks.append(current)
-            trial = [(label, clean_name(name))]
-        current = trial
-    chunks.append(current)
-    out = []
-    for chunk in chunks:
-        prompt, spans = build_prompt([n for _, n in chunk])
-        _, _, tokens = encode_with_spans(tokenizer, prompt,
-                                         {lb: [s] for (lb, _), s in zip(chunk, spans)}, max_len,
-                                         "detection prompt")
-        out.append((prompt, tokens))
-    return out

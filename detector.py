@@ -1,8 +1,8 @@
 """FIBER's fine-grained model: the fused backbone in multi-scale mode, an FPN and the VL DyHead.
 
-    images (B,3,H,W) ─ Swin, top 6 blocks fused with text ─ C2..C5 ─ per-stage LN ─ FPN ─ P3..P7 ─┐
-    text ids (B,Lt)  ─ RoBERTa, top 6 layers fused with image ──────── text hidden (B,Lt,768) ─────┴─
-        VL DyHead ─> box deltas, centerness, token logits (B, H*W, Lt) per level ─> boxes per phrase
+    images (B,3,H,W) ─ Swin, top 6 blocks fused ─ C2..C5 ─ per-stage LN ─ FPN ─ P3..P7 ─┐
+    text ids (B,Lt)  ─ RoBERTa, top 6 layers fused ───────── text hidden (B,Lt,768) ─────┴─
+      VL DyHead ─> box deltas, centerness, token logits (B, H*W, Lt) per level ─> boxes
 
 Phrase grounding, referring expressions and detection are one task here: the text is a caption,
 an expression or the category names joined by ". ", and a "label" is a set of its tokens (the
@@ -67,7 +67,8 @@ class FiberDetectorConfig:
             self.head = DetectionHeadConfig(**self.head)
         self.train_min_sizes = tuple(self.train_min_sizes)
         if self.version not in VERSIONS:
-            raise ValueError(f"FiberDetectorConfig.version={self.version!r}: choose from {VERSIONS}")
+            raise ValueError(f"FiberDetectorConfig.version={self.version!r}: choose from "
+                             f"{VERSIONS}")
         widths = tuple(self.swin.stage_dim(s) for s in range(1, len(self.swin.depths)))
         assert self.head.in_channels == widths, f"head.in_channels must be C3..C5 widths {widths}"
         assert self.head.lang_dim == self.text.hidden_size, "head.lang_dim must be the text width"
@@ -148,7 +149,8 @@ class FiberDetector(nn.Module):
         masks (B, Lt), aggregate = mean over real tokens (B, D).
         """
         fb = self.backbone
-        _, hidden, stage_tokens = fb.fuse(fb.image_lower(images), fb.text_lower(text_ids, text_mask))
+        image, text = fb.image_lower(images), fb.text_lower(text_ids, text_mask)
+        _, hidden, stage_tokens = fb.fuse(image, text)
         maps = []
         for norm, tokens, (H, W) in zip(self.stage_norms, stage_tokens,
                                         self.stage_grids(*images.shape[-2:])):

@@ -3,15 +3,18 @@
     python eval_fine.py ground --image photo.jpg --text "two cats. a remote" --out boxes.png
     python eval_fine.py coco --data instances_val2017.json --image-root val2017 \\
         --checkpoint fiber_coco --results detections.json
-    python eval_fine.py refexp --data refs.json --instances instances.json --checkpoint fiber_refcoco
+    python eval_fine.py refexp --data refs.json --instances instances.json \\
+        --checkpoint fiber_refcoco
     python eval_fine.py flickr --data final_flickr_separateGT_test.json --checkpoint ...
     python eval_fine.py synthetic --checkpoint runs/fine/last.pt   # the held-out synthetic world
 
-| protocol | metric | how |
-|---|---|---|
-| COCO detection | box AP (12 COCO figures) | all category names in one prompt (or in chunks when they do not fit), boxes back in original pixels, xywh with w = x2 - x1 + 1, metrics.coco_box_ap |
-| RefCOCO/+/g | P@1 (accuracy), P@5, P@10 | boxes sorted by score, hit when the *generalised* IoU with the ground truth box is >= 0.5 |
-| Flickr30k Entities | R@1/5/10 | per phrase, its boxes by score; hit when one of the top k has IoU >= 0.5 with any ground-truth box of the phrase |
+- COCO detection, box AP (the 12 COCO figures): all category names in one prompt (in chunks
+  when they do not fit), boxes back in original pixels, results as xywh with w = x2 - x1 + 1,
+  scored by metrics.coco_box_ap.
+- RefCOCO/+/g, P@1 (the accuracy), P@5, P@10: boxes sorted by score, a hit when the
+  *generalised* IoU with the ground-truth box is >= 0.5.
+- Flickr30k Entities, R@1/5/10: per phrase its boxes by score, a hit when one of the top k has
+  IoU >= 0.5 with any ground-truth box of the phrase.
 
 Shape letters: N boxes.
 """
@@ -27,9 +30,9 @@ from PIL import ImageDraw
 import metrics
 from data import load_image, load_tokenizer
 from data_fine import (SYNTHETIC_NAMES, FineCollator, FineDataset, build_fine_dataset,
-                       build_prompt, detection_transform, encode_with_spans, scale_boxes,
-                       synthetic_samples)
+                       detection_transform, scale_boxes, synthetic_samples)
 from detector import FiberDetector, FiberDetectorConfig
+from prompts import build_prompt, encode_with_spans
 from synthetic import SyntheticWorld
 
 # Post-processing for grounding-style evaluation: every box is a candidate (refexp yamls).
@@ -133,34 +136,42 @@ def ranked_boxes(det):
 
 
 def evaluate_refexp(model, dataset, ks=(1, 5, 10), **options):
-    """P@k of a refexp FineDataset: a hit when one of the k best boxes has GIoU >= 0.5 with
-    the ground-truth box (FIBER's RefExpEvaluator). P@1 is the reported accuracy; it equals
-    metrics.rec_accuracy(top-1 boxes, gt, generalized=True)."""
-    options = {**GROUNDING_SETTINGS, **options}
-    predictions = predict_dataset(model, dataset, **options)
+    """P@k of a refexp FineDataset (see refexp_scores)."""
+    return refexp_scores(predict_dataset(model, dataset, **{**GROUNDING_SETTINGS, **options}), ks)
+
+
+def refexp_scores(predictions, ks=(1, 5, 10)):
+    """P@k: a hit when one of the k best boxes (labels ignored) has a *generalised* IoU >= 0.5
+    with the ground-truth box (FIBER's RefExpEvaluator). P@1 is the reported accuracy; it
+    equals metrics.rec_accuracy(top-1 boxes, gt, generalized=True)."""
     hits = {k: 0 for k in ks}
     top1, gts = [], []
     for meta, det in predictions:
-        boxes, gt = ranked_boxes(det), meta["gt_boxes"][:1]
+        boxes, gt = ranked_boxes(det), meta["gt_boxes"][:1].double().numpy()
         if len(boxes) == 0:
-            boxes = np.zeros((1, 4))
+            boxes = np.zeros((1, 4))  # no prediction: a miss
         giou = metrics.box_iou(boxes, gt, generalized=True)[:, 0]
         for k in ks:
             hits[k] += bool(giou[:k].max() >= 0.5)
-        top1.append(boxes[0]), gts.append(gt[0].double().numpy())
+        top1.append(boxes[0]), gts.append(gt[0])
     n = max(1, len(predictions))
     out = {f"P@{k}": hits[k] / n for k in ks}
-    out["accuracy"] = metrics.rec_accuracy(np.stack(top1), np.stack(gts), generalized=True) \
-        if predictions else 0.0
+    out["accuracy"] = (metrics.rec_accuracy(np.stack(top1), np.stack(gts), generalized=True)
+                       if predictions else 0.0)
     return out
 
 
 def evaluate_grounding(model, dataset, ks=(1, 5, 10), **options):
-    """Flickr30k Entities R@k over every phrase of a grounding FineDataset ("any box"
-    protocol: a phrase's ground truth is each of its boxes, never their union)."""
-    options = {**GROUNDING_SETTINGS, **options}
+    """Flickr30k Entities R@k of a grounding FineDataset (see grounding_scores)."""
+    predictions = predict_dataset(model, dataset, **{**GROUNDING_SETTINGS, **options})
+    return grounding_scores(predictions, ks)
+
+
+def grounding_scores(predictions, ks=(1, 5, 10)):
+    """R@k over every phrase ("any box" protocol: a phrase's ground truth is each of its
+    boxes, never their union); a phrase's candidates are its own boxes, best first."""
     ranked, gts = [], []
-    for meta, det in predict_dataset(model, dataset, **options):
+    for meta, det in predictions:
         order = torch.argsort(det["scores"], descending=True, stable=True)
         for label in sorted(set(meta["labels"].tolist())):
             mine = order[det["labels"][order] == label]
@@ -179,8 +190,7 @@ def evaluate_grounding(model, dataset, ks=(1, 5, 10), **options):
 def synthetic_eval_sets(config, tokenizer, num_scenes=100, world=None):
     """Detection, grounding and refexp datasets of the first `num_scenes` validation scenes."""
     world = world if world is not None else SyntheticWorld(seed=0)
-    scenes = set(world.split_range("val")[:num_scenes])
-    samples = [s for s in synthetic_samples(world, "val") if s.image in scenes]
+    samples = synthetic_samples(world, "val", limit=num_scenes)
     sets = {}
     for task in ("detection", "grounding", "refexp"):
         chosen = [s for s in samples if s.task == task]
@@ -235,8 +245,9 @@ def ground(model, tokenizer, image, text, *, spans=None, score_threshold=0.3, to
     if spans is None:
         text, spans = phrases_of(text)
     cfg = model.config
-    ids, mask, tokens = encode_with_spans(tokenizer, text, {i + 1: [s] for i, s in enumerate(spans)},
-                                          cfg.max_query_len, "demo text")
+    label_spans = {i + 1: [s] for i, s in enumerate(spans)}
+    ids, mask, tokens = encode_with_spans(tokenizer, text, label_spans, cfg.max_query_len,
+                                          "demo text")
     x, _ = detection_transform(cfg, train=False)(image, torch.zeros(0, 4))
     size = tuple(x.shape[-2:])
     batch = FineCollator(cfg.size_divisibility).pad([x])
@@ -311,6 +322,9 @@ def build_parser():
             s.add_argument("--image-root", help="folder of the images (default: the file's)")
             s.add_argument("--batch-size", type=int, default=1)
             s.add_argument("--limit", type=int, help="evaluate only the first N items")
+            s.add_argument("--threshold", type=float,
+                           help="candidate score threshold (default: coco 0.05 from the model "
+                                "config, refexp/flickr 0.0)")
             if name == "coco":
                 s.add_argument("--results", help="write the COCO results JSON here")
             if name == "refexp":
@@ -335,6 +349,8 @@ def run_file(args, model):
                                         train=False, kind=kind, image_root=args.image_root,
                                         instances=getattr(args, "instances", None))
     options = dict(batch_size=args.batch_size, device=args.device, limit=args.limit)
+    if args.threshold is not None:
+        options["threshold"] = args.threshold
     if kind == "detection":
         return evaluate_detection(model, dataset, extra["categories"], ground_truth=args.data,
                                   results_path=args.results, **options)

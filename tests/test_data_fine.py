@@ -10,11 +10,11 @@ from PIL import Image
 from conftest import DATA, load_golden, need_shared
 from data import AnnotationError, load_tokenizer
 from data_fine import (DetectionTransform, FineCollator, SYNTHETIC_NAMES, build_fine_dataset,
-                       build_prompt, clean_name, detection_prompts, detection_text,
-                       encode_with_spans, fit_prompt, flip_boxes, load_coco_detection,
-                       load_mdetr_grounding, load_refexp, referred_span, resized_size,
-                       synthetic_samples)
+                       flip_boxes, load_coco_detection, load_mdetr_grounding, load_refexp,
+                       referred_span, resized_size, synthetic_samples)
 from detector import FiberDetectorConfig
+from prompts import (build_prompt, clean_name, detection_prompts, detection_text,
+                     encode_with_spans, fit_prompt)
 from synthetic import SyntheticWorld, WorldConfig
 
 ANN = DATA / "annotations"
@@ -92,7 +92,8 @@ def test_prompt_ids_and_positive_map_match_the_golden(tok, version):
         text, label_spans = golden["caption"], {1: [(4, 7)]}  # "cat", as the golden's map
     assert text == golden["caption"]
     ids, mask, tokens = encode_with_spans(tok, text, label_spans, 256)
-    assert torch.equal(ids, golden["input_ids"][0]) and torch.equal(mask, golden["attention_mask"][0])
+    assert torch.equal(ids, golden["input_ids"][0])
+    assert torch.equal(mask, golden["attention_mask"][0])
     expected = {int(k): list(v) for k, v in golden["positive_map_label_to_token"].items()}
     assert tokens == expected
 

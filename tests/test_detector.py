@@ -169,7 +169,8 @@ def test_from_pretrained_reads_files_and_ema_weights(tmp_path, tiny_pair):
     state = checkpoints.read_state_file(tmp_path / "fine.pth")
     key = "fusion_backbone.backbone.body.norm1.weight"
     assert torch.equal(pick_weights(state, ema=True)[key], ema["module." + key])
-    assert torch.equal(pick_weights(state, ema=False)[key], donor.state_dict()["stage_norms.1.weight"])
+    assert torch.equal(pick_weights(state, ema=False)[key],
+                       donor.state_dict()["stage_norms.1.weight"])
 
     # this project's checkpoints carry their config and load by path
     torch.save({"model": donor.state_dict(), "ema": donor.state_dict(),
