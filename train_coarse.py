@@ -1,0 +1,554 @@
+"""Coarse-stage training of FIBER: image-text pre-training with ITC + ITM + MLM.
+
+    python train_coarse.py                    # tiny model on the embedded synthetic world:
+                                              # ~10 min on 2 CPU cores, then retrieval R@1/R@5
+    python train_coarse.py --resume auto      # continue the run saved in --out
+    torchrun --nproc_per_node 8 train_coarse.py --config base --data coco_train.json \\
+        --image-root /data/coco --batch-size 32 --accum-steps 16 --amp bf16
+
+A plain loop: every piece it needs (distributed set-up, resumable sampler, atomic checkpoints,
+schedules, mixed precision, the accumulation step, the NaN guard, graceful stop) lives in
+training.py. A stopped run resumes bit-exactly: see training.py for what that takes.
+
+Tasks: `--task pretrain` is the coarse pre-training of the paper. A task is an entry of TASKS
+(the heads it needs, its objective, its data, its evaluation), so fine-tuning tasks (VQA,
+NLVR2, retrieval, captioning) plug into the same loop.
+"""
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+import checkpoints
+import training as T
+from data import PretrainCollator, SkipTracker, TooManyBadSamples, build_pretrain_dataset
+from data import load_tokenizer
+from heads import PretrainObjective, mlm_loss
+from loading import detect_kind, load_strict
+from metrics import retrieval_recall
+from model import Fiber, FiberConfig
+
+# Defaults that depend on the model size; every one can be overridden by its flag.
+PRESETS = {
+    "tiny": dict(image_size=64, batch_size=16, steps=300, lr=3e-4, queue_size=512,
+                 save_every=100, log_every=10),
+    # The paper's pre-training: lr 1e-5, 100k steps of 4096 samples (e.g. 8 GPUs x 32 x 16).
+    "base": dict(image_size=384, batch_size=32, steps=100_000, lr=1e-5, queue_size=4096,
+                 save_every=2000, log_every=50),
+}
+# Flags that may change when a run is resumed; any other difference is refused.
+RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every", "no_eval",
+                     "log_every", "dist_timeout", "max_skip_fraction", "max_nonfinite_steps"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        description="Train coarse FIBER (pre-training: ITC + ITM with hard negatives + MLM).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add = p.add_argument
+    add("--task", default="pretrain", choices=sorted(TASKS), help="what to train")
+    add("--config", default="tiny", choices=sorted(PRESETS),
+        help="model size: tiny (CPU, a few million parameters) or base (FIBER-B, Swin-B + "
+             "RoBERTa-base); also picks the defaults of the flags marked 'preset'")
+    add("--image-size", type=int, help="image side in pixels (preset: tiny 64, base 384)")
+    add("--data", default="synthetic",
+        help="'synthetic' (the embedded shapes world), a COCO-captions .json or a .jsonl file "
+             "of {image, caption} lines")
+    add("--image-root", help="folder the image paths in --data are relative to")
+    add("--max-text-len", type=int, default=40, help="caption length in tokens (<s>, </s) incl.)")
+    add("--batch-size", type=int, help="micro-batch per rank (preset: tiny 16, base 32)")
+    add("--accum-steps", type=int, default=1,
+        help="micro-batches accumulated per optimizer step; the effective batch is "
+             "batch-size x accum-steps x ranks")
+    add("--steps", type=int, help="optimizer steps (preset: tiny 300, base 100000)")
+    add("--epochs", type=float, help="train for this many epochs instead of --steps")
+    add("--lr", type=float, help="base learning rate (preset: tiny 3e-4, base 1e-5)")
+    add("--lr-mult-head", type=float, default=5.0, help="lr multiplier of the task heads")
+    add("--lr-mult-cross", type=float, default=5.0,
+        help="lr multiplier of the cross-modal parameters (fusion, cross_modal_*)")
+    add("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on norms/biases)")
+    add("--warmup", type=float, default=0.1,
+        help="linear warm-up: a fraction of the steps if < 1, else a number of steps")
+    add("--amp", default="none", choices=sorted(T.AMP_DTYPES),
+        help="mixed precision: bf16 (no scaling needed), fp16 (with a gradient scaler) or none")
+    add("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
+    add("--queue-size", type=int, help="ITC queue length (preset: tiny 512, base 4096)")
+    add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
+    add("--seed", type=int, default=0, help="seed of the model init, data order and masking")
+    add("--out", default="runs/coarse", help="folder for checkpoints (last.pt, step_*.pt)")
+    add("--save-every", type=int, help="checkpoint every N steps (preset: tiny 100, base 2000)")
+    add("--resume", help="'auto' (out/last.pt when it exists) or a checkpoint path")
+    add("--init", nargs="+", metavar="PATH",
+        help="start from weights: a FIBER checkpoint (original key names, e.g. a released "
+             ".ckpt, or one of this project's: an export or a run's last.pt), or Swin and/or "
+             "RoBERTa releases to initialise the backbones; ignored when resuming")
+    add("--eval-every", type=int, default=0,
+        help="held-out retrieval evaluation every N steps (0: only before and after training)")
+    add("--no-eval", action="store_true", help="skip every evaluation (quick runs, tests)")
+    add("--log-every", type=int, help="log a line every N steps (preset: tiny 10, base 50)")
+    add("--max-skip-fraction", type=float, default=0.05,
+        help="stop when more than this fraction of the samples could not be read")
+    add("--max-nonfinite-steps", type=int, default=10,
+        help="stop after this many consecutive steps with a NaN/inf loss")
+    add("--dist-timeout", type=float, default=600.0,
+        help="seconds a rank waits for the others in a collective before giving up")
+    return p
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    return resolve_presets(parser.parse_args(argv), parser)
+
+
+def resolve_presets(args, parser):
+    """Fill the flags left unset from the --config preset and check the combination."""
+    for name, value in PRESETS[args.config].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.epochs is not None:
+        args.steps = None  # --epochs wins; the step count follows from the data size
+    if args.accum_steps < 1 or args.batch_size < 1:
+        parser.error("--batch-size and --accum-steps must be >= 1")
+    if args.data != "synthetic" and not Path(args.data).is_file():
+        parser.error(f"--data {args.data}: no such file (or use 'synthetic')")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks
+
+
+@dataclass
+class Task:
+    heads: tuple  # model heads the task trains
+    objective: Callable  # (model, args) -> module whose forward(batch, load_images) -> losses
+    loss_names: tuple  # losses logged besides the total
+    evaluate: Callable  # (model, args, tokenizer, env) -> dict of metrics (or empty)
+
+
+class MaskedOnlyPretrainObjective(PretrainObjective):
+    """PretrainObjective whose MLM head runs on the masked positions only.
+
+    The loss is the same (cross-entropy averaged over masked tokens) and the head is
+    per-token, so dropping the unmasked rows changes nothing but the cost: the vocabulary
+    projection (50265 outputs, the largest matmul of the tiny model) runs on ~15% of the real
+    tokens instead of every padded position, which halves the tiny model's step time.
+    """
+
+    def masked_lm(self, image_state, batch):
+        m = self.model
+        text_state = m.backbone.text_lower(batch["mlm_ids"], batch["text_mask"])
+        text_feats = m.fused(image_state, text_state)["text_feats"]  # (B, Lt, D)
+        picked = batch["mlm_labels"] != -100  # (B, Lt)
+        labels = batch["mlm_labels"][picked]  # (n,)
+        logits = m.mlm_score(text_feats[picked])  # (n, V)
+        acc = (logits.argmax(-1) == labels).float().mean().nan_to_num(0.0)
+        return mlm_loss(logits, labels), acc.detach()
+
+
+def pretrain_objective(model, args):
+    return MaskedOnlyPretrainObjective(model, queue_size=args.queue_size)
+
+
+def synthetic_retrieval_set(args, n=100):
+    """n held-out (validation) scenes with distinct captions, one each: images (n,3,S,S) and
+    captions. Distinct, so that text j belongs to image j alone and chance R@1 is 1/n."""
+    val = build_pretrain_dataset("synthetic", split="val", image_size=args.image_size,
+                                 train=False, seed=args.seed, skip_bad=False)
+    picked, scenes, captions = [], set(), set()
+    for i, pair in enumerate(val.pairs):
+        if pair.image not in scenes and pair.caption not in captions and len(picked) < n:
+            scenes.add(pair.image)
+            captions.add(pair.caption)
+            picked.append(i)
+    return val.load_images(picked), [val.pairs[i].caption for i in picked]
+
+
+@torch.no_grad()
+def evaluate_pretrain(model, args, tokenizer, env):
+    """ITC retrieval R@1/R@5 (%) on 100 held-out synthetic scenes (chance R@1 = 1%)."""
+    if args.data != "synthetic" or args.no_eval or not env.is_main:
+        return {}
+    images, captions = synthetic_retrieval_set(args)
+    ids, mask = tokenizer.encode(captions, args.max_text_len)
+    was_training = model.training
+    model.eval()
+    dev = env.device
+    img = torch.cat([model.encode_image(x.to(dev)) for x in images.split(50)])  # (N, D)
+    txt = torch.cat([model.encode_text(i.to(dev), m.to(dev))
+                     for i, m in zip(ids.split(50), mask.split(50))])  # (N, D)
+    model.train(was_training)
+    recall = retrieval_recall((img @ txt.t()).float().cpu(), torch.arange(len(captions)),
+                              ks=(1, 5))
+    return {k.replace("_r", "_R@"): 100 * v for k, v in recall.items()}
+
+
+TASKS = {
+    "pretrain": Task(heads=("itc", "itm", "mlm"), objective=pretrain_objective,
+                     loss_names=("itc_loss", "itm_loss", "mlm_loss"),
+                     evaluate=evaluate_pretrain),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks of a run
+
+
+def build_model(args):
+    make = FiberConfig.tiny if args.config == "tiny" else FiberConfig.base
+    config = make(image_size=args.image_size, max_text_len=args.max_text_len,
+                  heads=TASKS[args.task].heads)
+    model = Fiber(config)
+    if args.init:
+        init_weights(model, args.init)
+    return model, config
+
+
+def init_weights(model, sources):
+    """--init: weights from files (or release names), each applied by what it holds.
+
+    FIBER checkpoints under the original names (`vit_model.*`, ...) and this project's own
+    (`backbone.*`: exports, a run's last.pt) load strictly; a Swin or RoBERTa release only
+    fills its backbone (new pre-training starts so, as in the paper).
+    """
+    for source in sources:
+        state = checkpoints.load_weights(source)  # safe unpickling, .ckpt/.pth/safetensors
+        kind = detect_kind(state.tensors)
+        if kind == "fiber":
+            model.load_original_state_dict(state.tensors, source=str(source))
+        elif kind == "fiber-export":
+            load_strict(model, state.tensors, str(source), kind)
+        elif kind in ("swin", "roberta"):
+            model.load_backbones(**{f"{kind}_state": state.tensors}, source=str(source))
+        else:
+            raise ValueError(f"--init {source}: not a coarse FIBER, Swin or RoBERTa checkpoint "
+                             f"(its keys look like: {kind})")
+        T.log(f"initialised the model from {source} ({kind})")
+
+
+def build_data(args, env, tokenizer):
+    """The training set and an endless, resumable stream of its micro-batches."""
+    dataset = build_pretrain_dataset(args.data, split="train", image_size=args.image_size,
+                                     train=True, seed=args.seed, image_root=args.image_root)
+    collate = PretrainCollator(tokenizer, max_len=args.max_text_len, seed=args.seed)
+    sampler = T.ResumableBatchSampler(len(dataset), args.batch_size, rank=env.rank,
+                                      world_size=env.world_size, seed=args.seed)
+    loader = T.make_loader(dataset, sampler, collate_fn=collate, num_workers=args.num_workers,
+                           device=env.device)
+    return dataset, T.BatchStream(loader)
+
+
+def total_steps(args, stream):
+    if args.steps is not None:
+        return args.steps
+    per_epoch = stream.sampler.batches_per_epoch() // args.accum_steps
+    return max(1, math.ceil(args.epochs * per_epoch))
+
+
+def build_optimizer(model, args, steps):
+    groups = model.parameter_groups(args.lr, weight_decay=args.weight_decay,
+                                    lr_mult_head=args.lr_mult_head,
+                                    lr_mult_cross=args.lr_mult_cross)
+    for g in groups:
+        g.pop("names", None)  # names are for reading, not for the optimizer's state_dict
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    warmup = T.warmup_steps_from(args.warmup, steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, T.linear_warmup_decay(steps, warmup))
+    return optimizer, scheduler
+
+
+def to_device(batch, device):
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: everything a bit-exact resume needs
+
+
+@dataclass
+class Run:
+    """The mutable state of one training run (what a checkpoint holds)."""
+    args: argparse.Namespace
+    config: FiberConfig
+    model: torch.nn.Module
+    objective: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    stream: T.BatchStream
+    tokenizer: object
+    step: int = 0
+    first_losses: dict = None  # mean losses of the first logging window, for the summary
+    last_losses: dict = None  # ... and of the latest one
+
+
+def objective_buffers(objective):
+    """The objective's own state (the ITC queue), without the model it wraps."""
+    return {k: v for k, v in objective.state_dict().items() if not k.startswith("model.")}
+
+
+def load_objective_buffers(objective, buffers, path):
+    missing, unexpected = objective.load_state_dict(buffers, strict=False)
+    missing = [k for k in missing if not k.startswith("model.")]  # the model is loaded apart
+    if missing or unexpected:
+        raise T.CheckpointError(f"{path}: objective state does not fit this task: missing "
+                                f"{missing}, unexpected {unexpected}")
+
+
+def checkpoint_state(run, env):
+    rng = T.gather_rng_states(env)  # a collective: every rank calls it
+    return {
+        "step": run.step, "model": run.model.state_dict(),
+        "objective": objective_buffers(run.objective),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
+        "config": run.config.to_dict(), "args": vars(run.args), "task": run.args.task,
+        "first_losses": run.first_losses,
+    }
+
+
+def save(run, env, *, keep_copy):
+    state = checkpoint_state(run, env)
+    path = None
+    if env.is_main:
+        path = T.save_training_checkpoint(run.args.out, state, keep_copy=keep_copy)
+    return path or T.checkpoint_paths(run.args.out, run.step)[0]
+
+
+def resume_path(args):
+    if args.resume == "auto":
+        last = Path(args.out) / "last.pt"
+        return last if last.is_file() else None
+    return Path(args.resume) if args.resume else None
+
+
+def maybe_resume(run, env):
+    """Load --resume into the run; returns whether it did."""
+    path = resume_path(run.args)
+    if path is None:
+        if run.args.resume == "auto":
+            T.log(f"--resume auto: no checkpoint in {run.args.out} yet, starting fresh")
+        return False
+    state = T.load_checkpoint(path)
+    T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
+                              ignore_args=RESUME_MAY_CHANGE)
+    run.model.load_state_dict(state["model"])
+    load_objective_buffers(run.objective, state["objective"], path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.scaler.load_state_dict(state["scaler"])
+    run.stream.load_state_dict(state["data"])
+    run.step, run.first_losses = state["step"], state["first_losses"]
+    T.restore_rank_rng_state(state["rng"], env)
+    T.log(f"resumed from {path} at step {run.step} (epoch {state['data']['epoch']}, "
+          f"micro-batch {state['data']['batch_in_epoch']})")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def make_loss_fn(load_images):
+    """The objective's call for train_step; a micro-batch with no readable sample adds 0."""
+    def loss_fn(objective, batch):
+        if "images" not in batch:
+            return {"loss": torch.zeros((), requires_grad=True)}
+        return objective(batch, load_images)
+    return loss_fn
+
+
+class LossWindow:
+    """Mean losses over the steps since the last read (reduced over ranks when read)."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, losses):
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def read(self, env):
+        means = T.all_reduce_mean({k: v / max(1, self.n) for k, v in self.sums.items()}, env)
+        self.sums, self.n = {}, 0
+        return means
+
+
+def format_losses(losses, names):
+    return " ".join(f"{k.replace('_loss', '')} {losses[k]:.3f}" for k in ("loss", *names)
+                    if k in losses)
+
+
+def train(args, env):
+    """Run (or resume) one training run; returns a summary dict (rank 0 has the metrics)."""
+    task = TASKS[args.task]
+    T.seed_everything(args.seed)  # same init on every rank (DDP also broadcasts it)
+    model, config = build_model(args)
+    model.to(env.device)
+    objective = task.objective(model, args).to(env.device)
+    tokenizer = load_tokenizer()
+    dataset, stream = build_data(args, env, tokenizer)
+    steps = total_steps(args, stream)
+    optimizer, scheduler = build_optimizer(model, args, steps)
+    run = Run(args, config, model, objective, optimizer, scheduler,
+              T.make_grad_scaler(env.device, args.amp), stream, tokenizer)
+    T.log(describe(run, env, len(dataset), steps))
+
+    before = {}
+    if not maybe_resume(run, env):
+        T.seed_everything(args.seed + env.rank)  # dropout and negatives differ across ranks
+        before = task.evaluate(model, args, tokenizer, env)
+        if before:
+            T.log(f"before training: {format_metrics(before)}")
+    wrapped = objective
+    if env.distributed:
+        # The queue buffers are identical on every rank (they are filled with gathered
+        # features), so they need no broadcast.
+        wrapped = DistributedDataParallel(
+            objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+            broadcast_buffers=False)
+    objective.train()
+    summary = loop(run, env, wrapped, task, steps, dataset)
+    if env.distributed:
+        same = T.ranks_agree(model, env)
+        T.log(f"parameters bit-identical on all {env.world_size} ranks: {'yes' if same else 'NO'}")
+    if summary["status"] == "done":
+        after = task.evaluate(model, args, tokenizer, env)
+        summary.update(before=before, after=after)
+    return summary
+
+
+def loop(run, env, wrapped, task, steps, dataset):
+    args = run.args
+    loss_fn = make_loss_fn(dataset.load_images)
+    stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
+    skips = SkipTracker(max_fraction=args.max_skip_fraction)
+    window, meter, skipped = LossWindow(), T.Throughput(), 0
+    bar = T.progress_bar(steps, run.step, env)
+    try:
+        while run.step < steps:
+            micro = [next(run.stream) for _ in range(args.accum_steps)]
+            for b in micro:
+                skips.update(b)
+                skipped += b["num_skipped"]
+            micro = [to_device(b, env.device) for b in micro]
+            result = T.train_step(wrapped, micro, loss_fn, optimizer=run.optimizer,
+                                  scheduler=run.scheduler, scaler=run.scaler, env=env,
+                                  amp=args.amp, grad_clip=args.grad_clip)
+            run.step += 1
+            guard.update(result, run.step)
+            if not result.nonfinite:
+                window.add(result.losses)
+            meter.update(sum(b["num_samples"] for b in micro) * env.world_size)
+            bar.update(1)
+            bar.set_postfix_str(format_losses(result.losses, task.loss_names))
+            after_step(run, env, task, window, meter, steps)
+            (stop_now,) = T.any_rank([stop.requested], env)
+            if stop_now:
+                path = save(run, env, keep_copy=False)
+                T.log(f"stopped by {stop.name or 'a signal on another rank'} after step "
+                      f"{run.step}/{steps}; checkpoint {path}. Resume with: python "
+                      f"train_coarse.py <same flags> --out {args.out} --resume auto")
+                return {"status": "stopped", "step": run.step, "checkpoint": str(path)}
+    finally:
+        bar.close()
+        stop.uninstall()
+    path = save(run, env, keep_copy=True)
+    last = window.read(env) if window.n else run.last_losses
+    total_skipped = round(T.all_reduce_mean({"s": skipped}, env)["s"] * env.world_size)
+    return {"status": "done", "step": run.step, "checkpoint": str(path), "first": run.first_losses,
+            "last": last, "skipped_samples": total_skipped, "skipped_steps": guard.total,
+            "overflow_steps": guard.overflows}
+
+
+def after_step(run, env, task, window, meter, steps):
+    """Periodic logging, checkpointing and evaluation (same steps on every rank)."""
+    args = run.args
+    if run.step % args.log_every == 0 or run.step == steps:
+        losses = window.read(env)
+        run.last_losses = losses
+        if run.first_losses is None:
+            run.first_losses = losses
+        sps, sec = meter.read()
+        lr = run.optimizer.param_groups[0]["lr"]
+        T.log(f"step {run.step}/{steps} | {format_losses(losses, task.loss_names)} | "
+              f"lr {lr:.2e} | {sps:.1f} samples/s | {sec:.2f} s/step | "
+              f"peak mem {T.peak_memory_mb(env.device):.0f} MB")
+    if args.save_every and run.step % args.save_every == 0 and run.step < steps:
+        path = save(run, env, keep_copy=True)
+        T.log(f"step {run.step}: checkpoint {path}")
+    if args.eval_every and run.step % args.eval_every == 0:
+        metrics = task.evaluate(run.model, args, run.tokenizer, env)
+        if metrics:
+            T.log(f"step {run.step}: {format_metrics(metrics)}")
+
+
+def describe(run, env, num_samples, steps):
+    args = run.args
+    n_params = sum(p.numel() for p in run.model.parameters())
+    global_batch = args.batch_size * args.accum_steps * env.world_size
+    return (f"task {args.task} | model {args.config} ({n_params / 1e6:.1f}M parameters, "
+            f"{args.image_size}px) | data {args.data}: {num_samples} samples | {steps} steps "
+            f"of {global_batch} ({args.batch_size} x {args.accum_steps} accum x "
+            f"{env.world_size} ranks) | lr {args.lr:g} | amp {args.amp} | {env.device} | "
+            f"out {args.out}")
+
+
+def format_metrics(metrics):
+    return " ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+
+
+def report(summary, task, seconds):
+    """The end-of-run lines: losses first vs last, retrieval, where the checkpoint went."""
+    T.log(f"finished {summary['step']} steps in {seconds / 60:.1f} min")
+    first, last = summary.get("first"), summary.get("last")
+    if first and last:
+        for k in ("loss", *task.loss_names):
+            if k in first and k in last:
+                T.log(f"  {k:9s} {first[k]:.3f} -> {last[k]:.3f} (mean of the first / last "
+                      f"logging window)")
+    if summary.get("after"):
+        T.log(f"  retrieval on 100 held-out synthetic scenes (chance R@1 = 1%): "
+              f"before {format_metrics(summary['before'])} | after "
+              f"{format_metrics(summary['after'])}")
+    T.log(f"  skipped: {summary['skipped_samples']} unreadable samples, "
+          f"{summary['skipped_steps']} non-finite steps, {summary['overflow_steps']} fp16 "
+          "overflow steps")
+    T.log(f"checkpoint: {summary['checkpoint']}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t0 = time.time()
+    env = T.setup_distributed(timeout_s=args.dist_timeout)
+    try:
+        summary = train(args, env)
+        if summary["status"] == "done":
+            report(summary, TASKS[args.task], time.time() - t0)
+        return 0
+    except (T.DivergenceError, TooManyBadSamples, T.CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as err:
+        if not (env.distributed and T.is_dist_failure(err)):
+            raise
+        print(T.explain_dist_failure(env, err), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        T.cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
