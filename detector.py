@@ -84,13 +84,15 @@ class FiberDetectorConfig:
     @classmethod
     def tiny(cls, version: str = "v2", **overrides):
         """A CPU-sized detector wired like the base one (the coarse tiny model's backbone)."""
+        # no stochastic depth and no DropBlock: regularisers for long runs that only slow
+        # down a few hundred steps from scratch
         swin = detection_swin(embed_dim=32, depths=(1, 1, 2, 2), num_heads=(1, 2, 4, 8),
-                              window_size=4, drop_path_rate=0.1)
+                              window_size=4, drop_path_rate=0.0)
         text = RobertaConfig(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=512,
                              max_positions=130)
         # anchors 4x the stride (instead of 8x) suit the small objects of 128 px images
         head = DetectionHeadConfig.tiny(in_channels=(64, 128, 256), channels=64, lang_dim=128,
-                                        anchor_sizes=(32, 64, 128, 256, 512))
+                                        anchor_sizes=(32, 64, 128, 256, 512), fpn_drop_prob=0.0)
         small = dict(version=version, swin=swin, text=text, num_fused=3, head=head,
                      max_query_len=64, min_size=128, max_size=213,
                      # a batch is padded to its largest image: sizes above 128 would make
@@ -271,7 +273,8 @@ class FiberDetector(nn.Module):
         """Initialise the fused backbone from coarse FIBER weights; returns the new keys.
 
         Accepts the original coarse names (`vit_model.*`, `text_transformer.*`; Lightning
-        files, fiber_coarse_init), the same with those prefixes stripped, and this project's
+        files, fiber_coarse_init), the same with those prefixes stripped, the fine-grained
+        names of a backbone-only file (`fusion_backbone.*`) and this project's
         (`backbone.swin.*`, `backbone.text.*`). Every backbone key must be found; the per-stage
         norms, FPN and head start from their initialisation (as in the original). File keys
         that the detector has no use for (coarse heads, queues, Swin's final norm, ...) are
@@ -473,7 +476,9 @@ def coarse_to_ours(sd: dict) -> dict:
     """Any coarse layout -> this project's backbone names (backbone.swin.*, backbone.text.*)."""
     out = {}
     for key, value in sd.items():
-        if key.startswith(("vit_model.", "text_transformer.")):
+        if key.startswith("fusion_backbone."):  # already renamed for the fine-grained code
+            key = fine_to_ours(key)
+        elif key.startswith(("vit_model.", "text_transformer.")):
             key = original_to_ours(key)
         elif key.startswith(("patch_embed.", "layers.")) or key == "norm.weight" or \
                 key == "norm.bias":

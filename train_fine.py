@@ -37,7 +37,7 @@ from synthetic import SyntheticWorld, WorldConfig
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
-    "tiny": dict(batch_size=8, steps=400, lr=1e-3, lang_lr=None, weight_decay=0.01,
+    "tiny": dict(batch_size=8, steps=600, lr=1e-3, lang_lr=None, weight_decay=0.01,
                  warmup=40, grad_clip=1.0, save_every=100, log_every=10),
     # COCO fine-tuning of the released model: lr 1e-5 for both parts, wd 1e-4, no clipping,
     # 24 epochs of 32 images (e.g. 8 GPUs x 2 x 2 accumulation).
@@ -153,6 +153,8 @@ def init_weights(model, spec):
     state = checkpoints.load_weights(spec)
     sd = pick_weights(state, ema=False)
     kind = detector_kind(sd)
+    if kind == "fiber-fine" and not any(k.startswith("rpn.") for k in sd):
+        kind = "backbone-only fine-grained"  # coarse weights already renamed: no head yet
     if kind == "fiber-fine":
         model.load_original_state_dict(sd, str(state.path))
     elif kind == "fiber-detector":

@@ -4,6 +4,7 @@ of 2 and a 16-scene synthetic world, so each takes seconds."""
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -205,8 +206,44 @@ def test_init_accepts_coarse_and_fine_checkpoints(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in saved.items())
 
 
+def test_bf16_autocast_step_is_finite(tmp_path):
+    rc, out = run_main(tmp_path, "amp", "--steps", "2", "--amp", "bf16")
+    assert rc == 0
+    state = torch.load(out / "last.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())  # weights stay fp32
+
+
 # ---------------------------------------------------------------------------------------------
-# Multi-process
+# Subprocesses: signals and torchrun
+
+
+def script_env():
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path):
+    flags = [*SMALL, "--steps", "5"]
+    cmd = [sys.executable, str(REPO / "train_fine.py"), *flags, "--out", str(tmp_path / "x")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=script_env(), cwd=REPO)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("step 2/5"):
+            proc.send_signal(signal.SIGTERM)
+    rc = proc.wait(timeout=300)
+    text = "".join(lines)
+    assert rc == 0, text
+    assert "SIGTERM received" in text and "--resume auto" in text
+    stopped = torch.load(tmp_path / "x" / "last.pt", weights_only=True)
+    assert 2 <= stopped["step"] < 5
+
+    assert tf.main([*flags, "--out", str(tmp_path / "x"), "--resume", "auto"]) == 0
+    assert tf.main([*flags, "--out", str(tmp_path / "straight")]) == 0
+    same_training_state(torch.load(tmp_path / "x" / "last.pt", weights_only=True),
+                        torch.load(tmp_path / "straight" / "last.pt", weights_only=True))
 
 
 def free_port():
@@ -221,9 +258,9 @@ def test_torchrun_two_ranks_train_in_step(tmp_path):
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(REPO / "train_fine.py"), *SMALL, "--batch-size", "1", "--steps", "2",
            "--accum-steps", "2", "--out", str(tmp_path / "ddp"), "--dist-timeout", "60"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     t0 = time.time()
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    done = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), cwd=REPO,
+                          timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 steps of 4 (1 x 2 accum x 2 ranks)" in done.stdout
     assert "parameters bit-identical on all 2 ranks: yes" in done.stdout
