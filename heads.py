@@ -276,10 +276,13 @@ class PretrainObjective(nn.Module):
     def masked_lm(self, image_state, batch):
         m = self.model
         text_state = m.backbone.text_lower(batch["mlm_ids"], batch["text_mask"])
-        logits = m.mlm_score(m.fused(image_state, text_state)["text_feats"])  # (B, Lt, V)
-        labels = batch["mlm_labels"]
-        picked = labels != -100
-        acc = (logits.argmax(-1)[picked] == labels[picked]).float().mean().nan_to_num(0.0)
+        text_feats = m.fused(image_state, text_state)["text_feats"]  # (B, Lt, D)
+        # the head is per token: run the vocabulary projection (the largest matmul of a small
+        # model) on the masked positions only; the loss is the same
+        picked = batch["mlm_labels"] != -100  # (B, Lt)
+        labels = batch["mlm_labels"][picked]  # (n,)
+        logits = m.mlm_score(text_feats[picked])  # (n, V)
+        acc = (logits.argmax(-1) == labels).float().mean().nan_to_num(0.0)
         return mlm_loss(logits, labels), acc.detach()
 
     @torch.no_grad()
