@@ -15,6 +15,7 @@ Tasks: `--task pretrain` is the coarse pre-training of the paper. A task is an e
 NLVR2, retrieval, captioning) plug into the same loop.
 """
 import argparse
+import dataclasses
 import math
 import sys
 import time
@@ -29,10 +30,13 @@ import checkpoints
 import training as T
 from data import PretrainCollator, SkipTracker, TooManyBadSamples, build_pretrain_dataset
 from data import load_tokenizer
-from heads import PretrainObjective, mlm_loss
+from heads import PretrainObjective
 from loading import detect_kind, load_strict
 from metrics import retrieval_recall
 from model import Fiber, FiberConfig
+from tasks import TASK_HEADS, build_task, save_task_files
+from tasks import TASKS as FINETUNE_TASKS
+from task_datasets import vqa_vocab_for
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
@@ -53,7 +57,8 @@ RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval
 
 def build_parser():
     p = argparse.ArgumentParser(
-        description="Train coarse FIBER (pre-training: ITC + ITM with hard negatives + MLM).",
+        description="Train coarse FIBER: pre-training (ITC + ITM with hard negatives + MLM) "
+                    "or fine-tuning on VQA, NLVR2, retrieval (irtr) or captioning.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("--task", default="pretrain", choices=sorted(TASKS), help="what to train")
@@ -65,6 +70,9 @@ def build_parser():
         help="'synthetic' (the embedded shapes world), a COCO-captions .json or a .jsonl file "
              "of {image, caption} lines")
     add("--image-root", help="folder the image paths in --data are relative to")
+    add("--eval-data", help="evaluation data of a fine-tuning task, in --data's format "
+        "(default: the synthetic validation split, or --data itself for files)")
+    add("--eval-limit", type=int, help="evaluate on at most this many items")
     add("--max-text-len", type=int, default=40, help="caption length in tokens (<s>, </s) incl.)")
     add("--batch-size", type=int, help="micro-batch per rank (preset: tiny 16, base 32)")
     add("--accum-steps", type=int, default=1,
@@ -119,7 +127,7 @@ def resolve_presets(args, parser):
         args.steps = None  # --epochs wins; the step count follows from the data size
     if args.accum_steps < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-steps must be >= 1")
-    if args.data != "synthetic" and not Path(args.data).is_file():
+    if args.task == "pretrain" and args.data != "synthetic" and not Path(args.data).is_file():
         parser.error(f"--data {args.data}: no such file (or use 'synthetic')")
     return args
 
@@ -136,28 +144,8 @@ class Task:
     evaluate: Callable  # (model, args, tokenizer, env) -> dict of metrics (or empty)
 
 
-class MaskedOnlyPretrainObjective(PretrainObjective):
-    """PretrainObjective whose MLM head runs on the masked positions only.
-
-    The loss is the same (cross-entropy averaged over masked tokens) and the head is
-    per-token, so dropping the unmasked rows changes nothing but the cost: the vocabulary
-    projection (50265 outputs, the largest matmul of the tiny model) runs on ~15% of the real
-    tokens instead of every padded position, which halves the tiny model's step time.
-    """
-
-    def masked_lm(self, image_state, batch):
-        m = self.model
-        text_state = m.backbone.text_lower(batch["mlm_ids"], batch["text_mask"])
-        text_feats = m.fused(image_state, text_state)["text_feats"]  # (B, Lt, D)
-        picked = batch["mlm_labels"] != -100  # (B, Lt)
-        labels = batch["mlm_labels"][picked]  # (n,)
-        logits = m.mlm_score(text_feats[picked])  # (n, V)
-        acc = (logits.argmax(-1) == labels).float().mean().nan_to_num(0.0)
-        return mlm_loss(logits, labels), acc.detach()
-
-
 def pretrain_objective(model, args):
-    return MaskedOnlyPretrainObjective(model, queue_size=args.queue_size)
+    return PretrainObjective(model, queue_size=args.queue_size)
 
 
 def synthetic_retrieval_set(args, n=100):
@@ -198,6 +186,32 @@ TASKS = {
                      loss_names=("itc_loss", "itm_loss", "mlm_loss"),
                      evaluate=evaluate_pretrain),
 }
+# Fine-tuning tasks: tasks.build_task supplies each one's objective, data and evaluation; the
+# loop below treats them like pre-training. Their DDP wrapper must allow unused parameters
+# (VQA never runs the ITC maps, captioning never runs the Swin cross-attention).
+FINETUNE_LOSSES = {"vqa": ("vqa_score",), "nlvr2": ("nlvr2_acc",),
+                   "irtr": ("itc_loss", "itm_loss"), "caption": ()}
+for _name in FINETUNE_TASKS:
+    TASKS[_name] = Task(heads=TASK_HEADS[_name], objective=None,
+                        loss_names=FINETUNE_LOSSES.get(_name, ()), evaluate=None)
+
+
+def finetune_parts(model, args, tokenizer):
+    """Objective, datasets, collator and evaluation of a fine-tuning task (tasks.py)."""
+    eval_data = args.eval_data or args.data
+    return build_task(args.task, model, tokenizer=tokenizer, train_data=args.data,
+                      eval_data=eval_data, image_root=args.image_root,
+                      image_size=args.image_size, max_text_len=args.max_text_len,
+                      seed=args.seed)
+
+
+def finetune_evaluate(parts, args):
+    def evaluate(model, _args, _tokenizer, env):
+        if args.no_eval or not env.is_main:
+            return {}
+        return parts.evaluate(model, device=env.device, out_dir=args.out,
+                              limit=args.eval_limit, progress=False)
+    return evaluate
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,8 +220,11 @@ TASKS = {
 
 def build_model(args):
     make = FiberConfig.tiny if args.config == "tiny" else FiberConfig.base
+    extra = {}
+    if args.task == "vqa":  # the classifier has one output per answer of the vocabulary
+        extra["vqa_answers"] = len(vqa_vocab_for(args.data))
     config = make(image_size=args.image_size, max_text_len=args.max_text_len,
-                  heads=TASKS[args.task].heads)
+                  heads=TASKS[args.task].heads, **extra)
     model = Fiber(config)
     if args.init:
         init_weights(model, args.init)
@@ -236,11 +253,16 @@ def init_weights(model, sources):
         T.log(f"initialised the model from {source} ({kind})")
 
 
-def build_data(args, env, tokenizer):
-    """The training set and an endless, resumable stream of its micro-batches."""
-    dataset = build_pretrain_dataset(args.data, split="train", image_size=args.image_size,
-                                     train=True, seed=args.seed, image_root=args.image_root)
-    collate = PretrainCollator(tokenizer, max_len=args.max_text_len, seed=args.seed)
+def build_data(args, env, tokenizer, dataset=None, collate=None):
+    """The training set and an endless, resumable stream of its micro-batches (pre-training
+    data unless a fine-tuning task passes its own dataset and collator)."""
+    if dataset is None:
+        # An unreadable sample is replaced by a stand-in (drawn from seed, epoch and index and
+        # counted as skipped): every micro-batch keeps its size, which DDP's gathers need.
+        dataset = build_pretrain_dataset(args.data, split="train", image_size=args.image_size,
+                                         train=True, seed=args.seed, image_root=args.image_root,
+                                         replace_bad=True)
+        collate = PretrainCollator(tokenizer, max_len=args.max_text_len, seed=args.seed)
     sampler = T.ResumableBatchSampler(len(dataset), args.batch_size, rank=env.rank,
                                       world_size=env.world_size, seed=args.seed)
     loader = T.make_loader(dataset, sampler, collate_fn=collate, num_workers=args.num_workers,
@@ -340,7 +362,7 @@ def maybe_resume(run, env):
         if run.args.resume == "auto":
             T.log(f"--resume auto: no checkpoint in {run.args.out} yet, starting fresh")
         return False
-    state = T.load_checkpoint(path)
+    state = T.load_checkpoint(path, require=T.TRAINING_KEYS)
     T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
                               ignore_args=RESUME_MAY_CHANGE)
     run.model.load_state_dict(state["model"])
@@ -397,9 +419,16 @@ def train(args, env):
     T.seed_everything(args.seed)  # same init on every rank (DDP also broadcasts it)
     model, config = build_model(args)
     model.to(env.device)
-    objective = task.objective(model, args).to(env.device)
     tokenizer = load_tokenizer()
-    dataset, stream = build_data(args, env, tokenizer)
+    if task.objective is None:  # a fine-tuning task
+        parts = finetune_parts(model, args, tokenizer)
+        task = dataclasses.replace(task, evaluate=finetune_evaluate(parts, args))
+        objective = parts.objective.to(env.device)
+        dataset, stream = build_data(args, env, tokenizer, parts.train_dataset, parts.collate)
+        save_task_files(parts.objective, args.out)
+    else:
+        objective = task.objective(model, args).to(env.device)
+        dataset, stream = build_data(args, env, tokenizer)
     steps = total_steps(args, stream)
     optimizer, scheduler = build_optimizer(model, args, steps)
     run = Run(args, config, model, objective, optimizer, scheduler,
@@ -418,7 +447,7 @@ def train(args, env):
         # features), so they need no broadcast.
         wrapped = DistributedDataParallel(
             objective, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)
+            broadcast_buffers=False, find_unused_parameters=args.task != "pretrain")
     objective.train()
     summary = loop(run, env, wrapped, task, steps, dataset)
     if env.distributed:
@@ -426,13 +455,13 @@ def train(args, env):
         T.log(f"parameters bit-identical on all {env.world_size} ranks: {'yes' if same else 'NO'}")
     if summary["status"] == "done":
         after = task.evaluate(model, args, tokenizer, env)
-        summary.update(before=before, after=after)
+        summary.update(before=before, after=after, task=args.task)
     return summary
 
 
 def loop(run, env, wrapped, task, steps, dataset):
     args = run.args
-    loss_fn = make_loss_fn(dataset.load_images)
+    loss_fn = make_loss_fn(getattr(dataset, "load_images", None))
     stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
     skips = SkipTracker(max_fraction=args.max_skip_fraction)
     window, meter, skipped = LossWindow(), T.Throughput(), 0
@@ -520,8 +549,9 @@ def report(summary, task, seconds):
                 T.log(f"  {k:9s} {first[k]:.3f} -> {last[k]:.3f} (mean of the first / last "
                       f"logging window)")
     if summary.get("after"):
-        T.log(f"  retrieval on 100 held-out synthetic scenes (chance R@1 = 1%): "
-              f"before {format_metrics(summary['before'])} | after "
+        what = ("retrieval on 100 held-out synthetic scenes (chance R@1 = 1%)"
+                if summary.get("task", "pretrain") == "pretrain" else "held-out evaluation")
+        T.log(f"  {what}: before {format_metrics(summary['before'])} | after "
               f"{format_metrics(summary['after'])}")
     T.log(f"  skipped: {summary['skipped_samples']} unreadable samples, "
           f"{summary['skipped_steps']} non-finite steps, {summary['overflow_steps']} fp16 "
