@@ -19,14 +19,17 @@ Mapping checkpoint keys onto model parameters is not done here (see model.py); t
 offers the key utilities `strip_prefix`, `add_prefix` and `select_prefix`.
 """
 import functools
+import glob
 import hashlib
 import http.client
+import io
 import json
 import logging
 import os
 import pickle
 import re
 import secrets
+import socket
 import struct
 import sys
 import time
@@ -484,16 +487,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
 
     Readers see either the old file or the complete new one. On failure the temporary file is
     removed, the previous file is left untouched, and the error says so (an OSError becomes a
-    CheckpointWriteError with the same errno, e.g. ENOSPC).
+    CheckpointWriteError with the same errno, e.g. ENOSPC, also when `write` hid it). Temporary
+    files that killed writers left beside `path` are removed first.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path)
     had_previous = path.exists()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f"{_temp_prefix(path)}{_HOST}.{os.getpid()}."
+                         f"{secrets.token_hex(4)}.tmp")
+    _LIVE_TEMP_FILES.add(tmp.name)
+    raw = None
     try:
         # 0o666 minus the umask, like a plain open(): mkstemp's 0o600 would surprise users
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with open(fd, "wb") as f:
+        raw = _WriteErrorRecorder(fd, "wb")
+        with io.BufferedWriter(raw) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # data on disk before the rename makes it visible
@@ -502,14 +511,69 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
         tmp.unlink(missing_ok=True)
         kept = (f"the previous file at {path} is kept unchanged" if had_previous
                 else f"nothing was written to {path}")
-        if isinstance(err, OSError):
+        cause = err if isinstance(err, OSError) else getattr(raw, "write_error", None)
+        if cause is not None:
             raise CheckpointWriteError(
-                err.errno, f"could not write {path} ({err.strerror or err}); {kept}"
+                cause.errno, f"could not write {path} ({cause.strerror or cause}); {kept}"
             ) from err
         err.add_note(f"while writing {path}: {kept}")
         raise
+    finally:
+        _LIVE_TEMP_FILES.discard(tmp.name)
     _fsync_directory(path.parent)
     return path
+
+
+class _WriteErrorRecorder(io.FileIO):
+    """A file that remembers the first OSError of a write. torch.save reports a failed write
+    (a full disk) as a RuntimeError about zip stream positions, which hides the cause."""
+
+    write_error: OSError | None = None
+
+    def write(self, data):
+        try:
+            return super().write(data)
+        except OSError as err:
+            self.write_error = self.write_error or err
+            raise
+
+
+_HOST = socket.gethostname().replace("/", "_")
+_LIVE_TEMP_FILES: set[str] = set()  # temp files this process is writing right now
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete the temp files of writers that were killed (SIGKILL, out of memory, preemption)
+    while writing `path`: each is as large as a checkpoint, so a run restarted many times would
+    otherwise fill its disk. Only this host's files whose process is gone are touched (a file
+    of this process id that it is not writing was left by an earlier process, e.g. a restarted
+    container that got the same pid)."""
+    prefix = _temp_prefix(path)
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        parts = tmp.name[len(prefix):-len(".tmp")].rsplit(".", 2)
+        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+            continue
+        pid = int(parts[1])
+        gone = tmp.name not in _LIVE_TEMP_FILES if pid == os.getpid() else not _alive(pid)
+        if gone:
+            log.info("removing %s, left by a writer that was killed", tmp)
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def _fsync_directory(directory: Path) -> None:
