@@ -17,6 +17,7 @@ same parameters, bit for bit, as a run that never stopped. That holds because
 import hashlib
 import math
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import checkpoints
 
@@ -115,7 +117,6 @@ def is_main_process():
 def log(msg):
     """Print on rank 0 only, without breaking a running tqdm bar."""
     if is_main_process():
-        from tqdm import tqdm
         tqdm.write(str(msg), file=sys.stdout)
         sys.stdout.flush()
 
@@ -352,12 +353,33 @@ def save_checkpoint(path, state):
         ) from err
 
 
-def load_checkpoint(path, *, map_location="cpu"):
-    """Load a checkpoint written by save_checkpoint (tensors and plain Python types only)."""
+TRAINING_KEYS = ("step", "model", "optimizer", "scheduler", "data", "rng", "config", "args")
+
+
+def load_checkpoint(path, *, map_location="cpu", require=()):
+    """Load a checkpoint written by save_checkpoint (tensors and plain Python types only).
+
+    A damaged file (truncated by a crash, a copy cut short) or a file lacking any of the
+    `require`d entries (e.g. a weights-only export passed to --resume) is a CheckpointError
+    that names the file and the way out.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: check --resume")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} is damaged or not a torch checkpoint ({str(err).splitlines()[0]}"
+            "). Resume from one of the periodic copies beside it (step_*.pt) instead."
+        ) from err
+    missing = [k for k in require if not (isinstance(state, dict) and k in state)]
+    if missing:
+        raise CheckpointError(
+            f"{path} is not a training checkpoint (it lacks {', '.join(missing)}): it cannot be "
+            "resumed. To start a new run from its weights, use --init."
+        )
+    return state
 
 
 def config_differences(saved, current, prefix=""):
@@ -647,6 +669,5 @@ class Throughput:
 def progress_bar(total, initial, env, desc="train"):
     """A tqdm bar counting optimizer steps, on rank 0 and only in a terminal (in a log file
     the periodic log lines say the same without a screenful of carriage returns)."""
-    from tqdm import tqdm
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stdout,
                 disable=not (env.is_main and sys.stdout.isatty()))

@@ -279,6 +279,17 @@ def test_resume_with_other_settings_names_the_fields():
     assert "--accum-steps: checkpoint (absent) vs now 2" in msg and "depths" not in msg
 
 
+def test_damaged_or_foreign_checkpoint_says_what_to_do(tmp_path):
+    whole = tmp_path / "whole.pt"
+    T.save_checkpoint(whole, {"step": 1, "w": torch.ones(1000)})
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(whole.read_bytes()[:500])
+    with pytest.raises(T.CheckpointError, match=r"cut\.pt is damaged.*step_\*\.pt"):
+        T.load_checkpoint(cut)
+    with pytest.raises(T.CheckpointError, match=r"not a training checkpoint .*optimizer.*--init"):
+        T.load_checkpoint(whole, require=("step", "optimizer"))
+
+
 def test_missing_checkpoint_says_which_flag(tmp_path):
     with pytest.raises(FileNotFoundError, match="--resume"):
         T.load_checkpoint(tmp_path / "nope.pt")
