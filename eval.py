@@ -382,7 +382,10 @@ def demo(args, model, tokenizer, out=print):
 
 def build_parser():
     p = argparse.ArgumentParser(description="Evaluate coarse FIBER on VQA v2, NLVR2, image-"
-                                "text retrieval or captioning, or run the demo on one image.",
+                                "text retrieval or captioning, or run the demo on one image. "
+                                "The fine-grained (box) commands ground, coco, refexp, flickr "
+                                "and synthetic-fine run eval_fine.py: `python eval.py ground "
+                                "--help`.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add = p.add_argument
     add("task", choices=["vqa", "nlvr2", "irtr", "caption", "demo"], help="what to run")
@@ -406,7 +409,16 @@ def build_parser():
     return p
 
 
+FINE_COMMANDS = ("ground", "coco", "refexp", "flickr", "synthetic-fine")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FINE_COMMANDS:
+        # the fine-grained evaluations (boxes) live in eval_fine.py; one entry point for both
+        import eval_fine
+        command = "synthetic" if argv[0] == "synthetic-fine" else argv[0]
+        return eval_fine.main([command] + argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = load_model(args.checkpoint, args.image_size)
