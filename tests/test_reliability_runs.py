@@ -31,9 +31,10 @@ import data
 import train_coarse as tc
 import training as T
 from conftest import REPO
+from heads import PretrainObjective
 
 RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--queue-size", "8",
-       "--log-every", "1", "--no-eval"]
+       "--log-every", "1", "--no-eval", "--max-skip-fraction", "0.25"]  # 1 of 8 images is bad
 
 
 @pytest.fixture(autouse=True)
@@ -430,8 +431,6 @@ def test_resume_with_another_config_names_the_fields(pairs, reference, tmp_path,
     assert "--queue-size: checkpoint 8 vs now 4" in err and "--out:" not in err
 
 
-@pytest.mark.xfail(strict=True, reason="training.load_checkpoint lets torch's zip error through "
-                   "without the file name or a way out; a file without 'args' is a KeyError")
 @pytest.mark.parametrize("damage", ["truncated", "weights only"])
 def test_resume_from_a_damaged_or_foreign_file_says_what_it_is(pairs, reference, tmp_path,
                                                                capsys, damage):
@@ -458,7 +457,7 @@ def test_resume_from_a_damaged_or_foreign_file_says_what_it_is(pairs, reference,
 def test_nan_loss_skips_its_step_and_a_streak_stops_the_run(pairs, tmp_path, capsys,
                                                             monkeypatch):
     # The loss is made NaN at steps 2, 4, 5 and 6; three in a row stop the run.
-    forward, calls = tc.MaskedOnlyPretrainObjective.forward, []
+    forward, calls = PretrainObjective.forward, []
 
     def sometimes_nan(self, batch, load_images, generator=None):
         out = forward(self, batch, load_images, generator)
@@ -467,7 +466,7 @@ def test_nan_loss_skips_its_step_and_a_streak_stops_the_run(pairs, tmp_path, cap
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    monkeypatch.setattr(tc.MaskedOnlyPretrainObjective, "forward", sometimes_nan)
+    monkeypatch.setattr(PretrainObjective, "forward", sometimes_nan)
     out = tmp_path / "run"
     rc = tc.main(flags(pairs, out, "--steps", "8", "--save-every", "1",
                        "--max-nonfinite-steps", "3"))
@@ -568,12 +567,12 @@ def worker_pid(launcher_pid, rank):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="train_coarse.build_data keeps SkipBadSamples' default "
-                   "(drop the sample): the ranks' batches differ in size and the ITC all_gather "
-                   "aborts gloo ('Received data size doesn't match expected size')")
 def test_bad_sample_on_one_rank_keeps_ranks_in_step(pairs, tmp_path):
-    # Sample 5 (unreadable) is in one rank's micro-batch of 2 during the first epoch.
-    cmd = torchrun_cmd(*flags(pairs, tmp_path / "ddp", "--batch-size", "2", "--steps", "3",
+    # Sample 5 (unreadable) is in one rank's micro-batch of 2 during the first (only) epoch. A
+    # dropped sample would leave that rank with a smaller batch than the other, and the ITC
+    # all_gather aborts gloo ("Received data size doesn't match expected size"); a stand-in
+    # keeps both at 2.
+    cmd = torchrun_cmd(*flags(pairs, tmp_path / "ddp", "--batch-size", "2", "--steps", "2",
                               "--save-every", "0", "--dist-timeout", "30"))
     done = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), cwd=REPO,
                           timeout=300)
