@@ -19,7 +19,6 @@ Mapping checkpoint keys onto model parameters is not done here (see model.py); t
 offers the key utilities `strip_prefix`, `add_prefix` and `select_prefix`.
 """
 import functools
-import glob
 import hashlib
 import http.client
 import io
@@ -488,14 +487,13 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> P
     Readers see either the old file or the complete new one. On failure the temporary file is
     removed, the previous file is left untouched, and the error says so (an OSError becomes a
     CheckpointWriteError with the same errno, e.g. ENOSPC, also when `write` hid it). Temporary
-    files that killed writers left beside `path` are removed first.
+    files that killed writers left in its folder are removed first.
     """
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_files(path)
+    _remove_stale_temp_files(path.parent)
     had_previous = path.exists()
-    tmp = path.with_name(f"{_temp_prefix(path)}{_HOST}.{os.getpid()}."
-                         f"{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     _LIVE_TEMP_FILES.add(tmp.name)
     raw = None
     try:
@@ -542,20 +540,15 @@ _HOST = socket.gethostname().replace("/", "_")
 _LIVE_TEMP_FILES: set[str] = set()  # temp files this process is writing right now
 
 
-def _temp_prefix(path: Path) -> str:
-    return f".{path.name}."
-
-
-def _remove_stale_temp_files(path: Path) -> None:
-    """Delete the temp files of writers that were killed (SIGKILL, out of memory, preemption)
-    while writing `path`: each is as large as a checkpoint, so a run restarted many times would
+def _remove_stale_temp_files(folder: Path) -> None:
+    """Delete the temp files (of any target in `folder`) whose writer was killed: SIGKILL, out
+    of memory, preemption. Each is as large as a checkpoint, so a run restarted many times would
     otherwise fill its disk. Only this host's files whose process is gone are touched (a file
-    of this process id that it is not writing was left by an earlier process, e.g. a restarted
-    container that got the same pid)."""
-    prefix = _temp_prefix(path)
-    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
-        parts = tmp.name[len(prefix):-len(".tmp")].rsplit(".", 2)
-        if len(parts) != 3 or parts[0] != _HOST or not parts[1].isdigit():
+    with this process's id that it is not writing was left by an earlier process, e.g. a
+    restarted container that got the same pid)."""
+    for tmp in folder.glob(".*.tmp"):
+        parts = tmp.name[: -len(".tmp")].rsplit(".", 2)  # .<target>.<host>, pid, random
+        if len(parts) != 3 or not parts[0].endswith(f".{_HOST}") or not parts[1].isdigit():
             continue
         pid = int(parts[1])
         gone = tmp.name not in _LIVE_TEMP_FILES if pid == os.getpid() else not _alive(pid)

@@ -177,7 +177,7 @@ def sample_generator(seed, epoch, index, stream):
     return torch.Generator().manual_seed(int(state[0]))
 
 
-AUGMENT_STREAM, MLM_STREAM, SUBSTITUTE_STREAM = 0, 1, 2
+AUGMENT_STREAM, MLM_STREAM, STAND_IN_STREAM = 0, 1, 2
 
 
 def to_normalized_tensor(image):
@@ -523,7 +523,7 @@ class SkipBadSamples(torch.utils.data.Dataset):
         """Up to max_tries other indices, a pure function of (seed, epoch, index)."""
         seed, epoch = getattr(self.dataset, "seed", 0), getattr(self.dataset, "epoch", 0)
         index = range(len(self))[index]
-        g = sample_generator(seed, epoch, index, SUBSTITUTE_STREAM)
+        g = sample_generator(seed, epoch, index, STAND_IN_STREAM)
         draws = torch.randint(len(self), (self.max_tries,), generator=g).tolist()
         return [i for i in draws if i != index]
 
@@ -571,7 +571,7 @@ def build_pretrain_dataset(source="synthetic", *, split="train", image_size=384,
     for the synthetic world, whose captions name every object and colour: a crop can cut an
     object out and colour ops can shift a named colour, which would make the caption false.
     skip_bad: wrap in SkipBadSamples, so unreadable images become None for the collator;
-    replace_bad: ... or are replaced by a stand-in sample (needed under DDP, see there).
+    replace_bad: ... or are replaced by a stand-in sample (what DDP needs; see SkipBadSamples).
     """
     augment = augment or ("flip" if source == "synthetic" else "full")
     if augment not in AUGMENTATIONS:

@@ -366,12 +366,13 @@ def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
     host = socket.gethostname()
     stale = tmp_path / f".last.pt.{host}.{dead.pid}.0a1b2c3d.tmp"
     mine = tmp_path / f".last.pt.{host}.{os.getpid()}.99999999.tmp"  # an earlier life's pid
+    copy = tmp_path / f".step_0000007.pt.{host}.{dead.pid}.0a1b2c3d.tmp"  # another target
     running = tmp_path / f".last.pt.{host}.{live}.0a1b2c3d.tmp"
     elsewhere = tmp_path / f".last.pt.other-host.{dead.pid}.0a1b2c3d.tmp"
-    for f in (stale, mine, running, elsewhere):
+    for f in (stale, mine, copy, running, elsewhere):
         f.write_bytes(b"half a checkpoint")
     ck.atomic_save({"step": 2}, target)
-    assert not stale.exists() and not mine.exists()
+    assert not stale.exists() and not mine.exists() and not copy.exists()
     assert running.exists() and elsewhere.exists()  # maybe still being written: kept
     assert T.load_checkpoint(target)["step"] == 2
 
