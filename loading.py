@@ -22,7 +22,7 @@ from swin import resize_bias_table
 
 
 class CheckpointMismatch(RuntimeError):
-    pass
+    """A checkpoint's keys do not fit the model; the message names every problem key."""
 
 
 # original name piece -> ours. Order matters: the longer, more specific patterns first.

@@ -1,8 +1,8 @@
 """The coarse-grained FIBER model: the fused backbone plus its task heads.
 
-    images ─ Swin (lower) ─┐                                  ┌─ image_feats (B, Li, 768)
-                           ├─ fused top (fusion.py) ─ linear ─┤                 ─ cls_feats
-    text   ─ RoBERTa (lower)┘                                  └─ text_feats  (B, Lt, 768)  (B, 1536)
+    images ─ Swin (lower) ──┐                              ┌─ image_feats (B, Li, 768)
+                            ├─ fused top ─ linear maps ─┤   pooled, joined: cls_feats (B, 1536)
+    text   ─ RoBERTa (lower)┘   (fusion.py)                 └─ text_feats  (B, Lt, 768)
 
 ITC uses the two backbones *without* fusion (image-only and text-only paths, their own linear
 maps and poolers); ITM, MLM, VQA, NLVR2 and captioning read the fused features.
@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from fusion import FusedBackbone, FusionConfig, ImageState, TextState
 from heads import ITMHead, MLMHead, Pooler, classifier
 from roberta import RobertaConfig, causal_additive_mask
-from loading import (CheckpointMismatch, convert_original, detect_kind, heads_in, image_size_in, load_partial,
+from loading import (CheckpointMismatch, convert_original, detect_kind, heads_in, image_size_in,
+                     load_partial,
                      load_strict, ours_to_original, resize_position_tables,
                      roberta_release_to_ours, swin_release_to_ours)
 from swin import SwinConfig
