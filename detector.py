@@ -199,7 +199,7 @@ class FiberDetector(nn.Module):
         """Boxes per image: dicts boxes (N, 4) xyxy in input pixels, scores (N,), labels (N,).
 
         label_to_tokens: {label (1, 2, ...): [token indices]} shared by the batch (e.g. from
-        data_fine.label_to_tokens(positive_map)), or a list of such maps, one per image (each
+        prompts.label_to_tokens(positive_map)), or a list of such maps, one per image (each
         image has its own caption). `settings` override the head config's post-processing
         (threshold, pre_nms_top_n, nms_threshold, detections_per_image, num_classes;
         num_classes defaults to max(largest label, cls channels)).
@@ -433,10 +433,6 @@ def pick_weights(state, ema: bool) -> dict:
         warnings.warn(f"{state.path}: no EMA weights in the file (keys 'model_ema', 'ema'); "
                       "using the model weights")
     return strip_module(sd)
-
-
-RELEASE_VERSIONS = {"fiber_refcoco": "v3", "fiber_refcocoplus": "v3", "fiber_refcocog": "v3",
-                    "fiber_coarse_then_fine_for_refexp": "v3"}
 
 
 def config_for_release(sd, name="", version=None, head=None) -> FiberDetectorConfig:

@@ -68,7 +68,7 @@ def build_parser():
         help="'synthetic' (default) or an annotation file; repeat to mix several. Append "
              ":detection, :grounding or :refexp when the kind is not recognised")
     add("--synthetic-scenes", type=int, default=5000,
-        help="training scenes of the synthetic world (each gives ~4.5 samples)")
+        help="training scenes of the synthetic world (each gives ~4.5 samples; at most 5000)")
     add("--image-root", help="folder the image paths of --data are relative to")
     add("--instances", help="COCO instances JSON naming the image files of a refs --data")
     add("--min-size", type=int, help="shorter image side at test time (tiny 128, base 800)")
@@ -121,6 +121,9 @@ def parse_args(argv=None):
     args.data = args.data or ["synthetic"]
     if args.accum_steps < 1 or args.batch_size < 1:
         parser.error("--batch-size and --accum-steps must be >= 1")
+    if not 1 <= args.synthetic_scenes <= WorldConfig().num_train:
+        # the held-out evaluation uses the scenes after the default training range
+        parser.error(f"--synthetic-scenes must be in 1..{WorldConfig().num_train}")
     for spec in args.data:
         path = spec.rsplit(":", 1)[0] if spec.endswith((":detection", ":grounding", ":refexp")) \
             else spec

@@ -9,8 +9,9 @@ import torch
 
 from conftest import DATA, FIXTURES, load_golden, need_shared
 from detection_ops import box_iou
-from detector import (CheckpointMismatch, FiberDetector, FiberDetectorConfig, detector_kind,
-                      fine_to_ours, original_name, pick_weights)
+from detector import (CheckpointMismatch, FiberDetector, FiberDetectorConfig,
+                      config_for_release, detector_kind, fine_to_ours, original_name,
+                      pick_weights)
 from loading import ours_to_original
 from model import Fiber, FiberConfig
 
@@ -182,6 +183,18 @@ def test_from_pretrained_reads_files_and_ema_weights(tmp_path, tiny_pair):
     torch.save({"model": donor.state_dict(), "config": config.to_dict()}, tmp_path / "x.pt")
     with pytest.warns(UserWarning, match="no EMA weights"):
         FiberDetector.from_pretrained(tmp_path / "x.pt", ema=True)
+
+
+def test_release_config_comes_from_the_file_and_its_name():
+    sd = {k: torch.empty(shape, device="meta") for k, shape in original_keys("v3").items()}
+    sd["rpn.head.cls_logits.weight"] = torch.empty(7, 256, 1, 1, device="meta")
+    config = config_for_release(sd, "fiber_refcocog")
+    assert config.version == "v3" and config.head.num_cls_channels == 7
+    assert (config.head.inference_threshold, config.head.pre_nms_top_n) == (0.0, 3000)
+    coco = config_for_release({k: v for k, v in sd.items() if "norm_i2t_i" not in k}, "fiber_coco")
+    assert coco.version == "v2" and coco.head.inference_threshold == 0.05
+    with pytest.raises(CheckpointMismatch, match="asked for fusion version v2.*v3 backbone"):
+        config_for_release(sd, "fiber_refcoco", version="v2")
 
 
 def test_coarse_checkpoint_is_refused_by_from_pretrained_with_a_hint(tmp_path):
