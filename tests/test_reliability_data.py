@@ -45,6 +45,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def no_checkpoints_left(tmp_path):
+    yield
+    for path in tmp_path.rglob("*.pt"):  # 200 MB each: the disk is shared
+        path.unlink()
+
+
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer()
@@ -392,7 +399,8 @@ def zoo_run(tmp_path_factory):
            "--steps", "5", "--max-skip-fraction", "0.5", "--out", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), cwd=REPO,
                           timeout=300)
-    (out / "last.pt").unlink(missing_ok=True)  # 200 MB nobody reads; the disk is shared
+    for path in out.glob("*.pt"):  # 200 MB each, nobody reads them; the disk is shared
+        path.unlink()
     return done, folder
 
 

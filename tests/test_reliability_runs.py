@@ -82,6 +82,12 @@ def drop_checkpoints(folder):
         path.unlink()
 
 
+@pytest.fixture(autouse=True)
+def no_checkpoints_left(tmp_path):
+    yield
+    drop_checkpoints(tmp_path)
+
+
 def load(path):
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
@@ -354,7 +360,6 @@ def test_sigkill_at_random_moments_never_loses_the_last_checkpoint(pairs, server
     assert temp_files(out) == []  # the killed writers' temp files were cleaned up
     print(f"{kills} SIGKILLs survived ({mid_write} aimed into a checkpoint write, {torn} left "
           f"a torn temp file); checkpoint step after each: {steps[1:]}")
-    drop_checkpoints(out)
 
 
 def test_stale_temp_files_of_killed_writers_are_removed(tmp_path):
@@ -447,7 +452,6 @@ def test_resume_from_a_damaged_or_foreign_file_says_what_it_is(pairs, reference,
     rc = tc.main(flags(pairs, out, "--steps", "4", "--resume", "auto"))
     err = capsys.readouterr().err
     assert rc == 1 and all(words in err for words in expected), err
-    drop_checkpoints(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -486,7 +490,6 @@ def test_nan_loss_skips_its_step_and_a_streak_stops_the_run(pairs, tmp_path, cap
     last = load(out / "last.pt")
     assert last["step"] == 5 and same_model(last, saved[3])  # the last good weights
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
-    drop_checkpoints(out)
 
 
 @pytest.mark.xfail(strict=True, reason="heads.PretrainObjective.contrastive samples hard "
@@ -509,7 +512,6 @@ def test_nan_features_from_one_batch_skip_one_step(pairs, tmp_path, capsys, monk
     captured = capsys.readouterr()
     assert rc == 0, captured.err[-2000:]
     assert "1 non-finite steps" in captured.out
-    drop_checkpoints(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -538,7 +540,6 @@ def test_signal_checkpoints_and_resume_is_bit_identical(pairs, reference, server
     log = tmp_path / "log_resumed.txt"
     assert server.run(log, [*argv, "--resume", "auto"]) == 0, log.read_text()
     same_training_state(load(out / "last.pt"), load(reference / "last.pt"))
-    drop_checkpoints(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,7 +578,6 @@ def test_bad_sample_on_one_rank_keeps_ranks_in_step(pairs, tmp_path):
                               "--save-every", "0", "--dist-timeout", "30"))
     done = subprocess.run(cmd, capture_output=True, text=True, env=script_env(), cwd=REPO,
                           timeout=300)
-    drop_checkpoints(tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     assert "g5.png: empty file" in done.stderr
     assert "parameters bit-identical on all 2 ranks: yes" in done.stdout
