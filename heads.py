@@ -221,6 +221,8 @@ class PretrainObjective(nn.Module):
             local_t = torch.cat([text_feat, self.queue.text_feats[:n].to(text_feat.dtype)])
             w_i2t = F.softmax(image_feat @ local_t.t() / m.temp, dim=1).float()
             w_t2i = F.softmax(text_feat @ local.t() / m.temp, dim=1).float()
+            # a non-finite batch must reach the loop's NaN guard, not crash the sampling
+            w_i2t, w_t2i = w_i2t.nan_to_num(0.0, 0.0, 0.0), w_t2i.nan_to_num(0.0, 0.0, 0.0)
             w_i2t.fill_diagonal_(0)
             w_t2i.fill_diagonal_(0)
             neg_img = torch.multinomial(w_t2i + 1e-9, 1, generator=generator)[:, 0]
@@ -287,7 +289,10 @@ class PretrainObjective(nn.Module):
 
     @torch.no_grad()
     def enqueue(self, image_feat, text_feat, batch):
-        self.queue.push(gather_no_grad(image_feat), gather_no_grad(text_feat),
+        image_feat, text_feat = gather_no_grad(image_feat), gather_no_grad(text_feat)
+        if not (torch.isfinite(image_feat).all() and torch.isfinite(text_feat).all()):
+            return  # never let a bad step poison the queue (same decision on every rank)
+        self.queue.push(image_feat, text_feat,
                         gather_no_grad(batch["text_ids"]), gather_no_grad(batch["text_mask"]),
                         gather_no_grad(batch["index"].to(image_feat.device)))
 
