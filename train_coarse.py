@@ -40,11 +40,14 @@ from task_datasets import vqa_vocab_for
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
-    "tiny": dict(image_size=64, batch_size=16, steps=300, lr=3e-4, queue_size=512,
-                 save_every=100, log_every=10),
+    # From scratch on the synthetic world: ~10-15 min on 2 CPU cores. A short queue: its
+    # features come from older weights, which change fast here, so old entries are easy
+    # negatives that teach little.
+    "tiny": dict(image_size=64, batch_size=16, steps=600, lr=3e-4, queue_size=64,
+                 save_every=200, log_every=20, text_init="fan_in"),
     # The paper's pre-training: lr 1e-5, 100k steps of 4096 samples (e.g. 8 GPUs x 32 x 16).
     "base": dict(image_size=384, batch_size=32, steps=100_000, lr=1e-5, queue_size=4096,
-                 save_every=2000, log_every=50),
+                 save_every=2000, log_every=50, text_init="bert"),
 }
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every", "no_eval",
@@ -78,7 +81,7 @@ def build_parser():
     add("--accum-steps", type=int, default=1,
         help="micro-batches accumulated per optimizer step; the effective batch is "
              "batch-size x accum-steps x ranks")
-    add("--steps", type=int, help="optimizer steps (preset: tiny 300, base 100000)")
+    add("--steps", type=int, help="optimizer steps (preset: tiny 600, base 100000)")
     add("--epochs", type=float, help="train for this many epochs instead of --steps")
     add("--lr", type=float, help="base learning rate (preset: tiny 3e-4, base 1e-5)")
     add("--lr-mult-head", type=float, default=5.0, help="lr multiplier of the task heads")
@@ -90,12 +93,16 @@ def build_parser():
     add("--amp", default="none", choices=sorted(T.AMP_DTYPES),
         help="mixed precision: bf16 (no scaling needed), fp16 (with a gradient scaler) or none")
     add("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
-    add("--queue-size", type=int, help="ITC queue length (preset: tiny 512, base 4096)")
+    add("--queue-size", type=int, help="ITC queue length (preset: tiny 64, base 4096)")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the model init, data order and masking")
     add("--out", default="runs/coarse", help="folder for checkpoints (last.pt, step_*.pt)")
-    add("--save-every", type=int, help="checkpoint every N steps (preset: tiny 100, base 2000)")
+    add("--save-every", type=int, help="checkpoint every N steps (preset: tiny 200, base 2000)")
     add("--resume", help="'auto' (out/last.pt when it exists) or a checkpoint path")
+    add("--text-init", choices=("bert", "fan_in"),
+        help="initial text-tower weights when training from scratch: BERT's normal(0, 0.02) "
+             "or normal(0, 1/sqrt(fan_in)), which a small model needs to learn ITC at all "
+             "(preset: tiny fan_in, base bert)")
     add("--init", nargs="+", metavar="PATH",
         help="start from weights: a FIBER checkpoint (original key names, e.g. a released "
              ".ckpt, or one of this project's: an export or a run's last.pt), or Swin and/or "
@@ -103,7 +110,7 @@ def build_parser():
     add("--eval-every", type=int, default=0,
         help="held-out retrieval evaluation every N steps (0: only before and after training)")
     add("--no-eval", action="store_true", help="skip every evaluation (quick runs, tests)")
-    add("--log-every", type=int, help="log a line every N steps (preset: tiny 10, base 50)")
+    add("--log-every", type=int, help="log a line every N steps (preset: tiny 20, base 50)")
     add("--max-skip-fraction", type=float, default=0.05,
         help="stop when more than this fraction of the samples could not be read")
     add("--max-nonfinite-steps", type=int, default=10,
@@ -226,9 +233,26 @@ def build_model(args):
     config = make(image_size=args.image_size, max_text_len=args.max_text_len,
                   heads=TASKS[args.task].heads, **extra)
     model = Fiber(config)
+    if args.text_init == "fan_in":
+        scratch_text_init(model)
     if args.init:
         init_weights(model, args.init)
     return model, config
+
+
+def scratch_text_init(model):
+    """Re-draw the text tower's linear weights from normal(0, 1/sqrt(fan_in)).
+
+    RoBERTa's normal(0, 0.02) suits its 768-wide layers, which FIBER always loads from
+    roberta-base. In the 128-wide tiny model trained from nothing it leaves the <s> token
+    (what ITC and ITM pool) carrying ~1% of the caption: attention is uniform and the
+    value/output maps shrink everything else; ITC then settles at its trivial minimum (every
+    caption alike) and cannot even fit one batch. At 1/sqrt(fan_in) the caption shows in <s>
+    from the first step and ITC learns. Weights given by --init overwrite these.
+    """
+    for name, module in model.backbone.text.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
 
 
 def init_weights(model, sources):
