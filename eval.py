@@ -27,6 +27,7 @@ import json
 import logging
 import sys
 from contextlib import contextmanager
+from operator import itemgetter
 from pathlib import Path
 
 import torch
@@ -41,7 +42,7 @@ from metrics import (bleu, cider_d, coco_box_ap, grounding_recall, rec_accuracy,
                      retrieval_recall, vqa_score)
 from model import Fiber, FiberConfig
 from task_datasets import (TaskCollator, build_corpus, build_corpus_images, build_nlvr2,
-                           build_vqa, vqa_vocab_for)
+                           build_vqa, trim, vqa_vocab_for)
 
 log = logging.getLogger("fiber.eval")
 
@@ -182,7 +183,9 @@ def itc_features(model, images, tokenizer, max_len, batch_size, dev, limit, prog
         ids, mask = tokenizer.encode([corpus.texts[j] for j in chunk], max_len)
         feats = model.encode_text(ids.to(dev), mask.to(dev)).cpu()
         text_rows += list(zip(chunk, feats))
-    image_rows, text_rows = sorted(gather(image_rows)), sorted(gather(text_rows))
+    by_index = itemgetter(0)
+    image_rows = sorted(gather(image_rows), key=by_index)
+    text_rows = sorted(gather(text_rows), key=by_index)
     owners = torch.tensor([corpus.text_image[j] for j, _ in text_rows])
     return (torch.stack([f for _, f in image_rows]), torch.stack([f for _, f in text_rows]),
             [j for j, _ in text_rows], owners)
@@ -211,7 +214,8 @@ def itm_scores(model, images, text_ids, text_mask, candidates, batch_size, dev, 
         image_state = model.backbone.image_lower(images[i]["image"][None].to(dev))
         for start in range(0, len(candidates[i]), batch_size):
             js = candidates[i][start:start + batch_size]
-            text_state = model.backbone.text_lower(text_ids[js].to(dev), text_mask[js].to(dev))
+            ids, mask = trim(text_ids[js], text_mask[js])
+            text_state = model.backbone.text_lower(ids.to(dev), mask.to(dev))
             pair_images = image_state.select(torch.zeros(len(js), dtype=torch.long, device=dev))
             cls = model.fused(pair_images, text_state)["cls_feats"]
             rows += [(i, j, s) for j, s in zip(js, model.itm_score.rank_score(cls).tolist())]
