@@ -348,7 +348,8 @@ def retrieval_recall(scores, text_to_image, ks=(1, 5, 10)):
     of the image that text j describes (COCO/Flickr: 5 texts per image). An image is a hit at k
     if any of its texts is among its k best-scoring texts ("i2t", called "tr" text retrieval in
     ViLT/METER/FIBER logs); a text is a hit if its image is among its k best images ("t2i", their
-    "ir"). Ties count in favour of the correct item (only strictly higher scores push it down).
+    "ir"). Ties count against the correct item (a wrong candidate scoring equal ranks above
+    it), so collapsed features with all scores equal get a recall of 0, never 100%.
     Returns {"i2t_r1": ..., "t2i_r1": ..., ...} as fractions in [0, 1].
     """
     scores = torch.as_tensor(scores).detach()                               # (Ni, Nt)
@@ -360,12 +361,14 @@ def retrieval_recall(scores, text_to_image, ks=(1, 5, 10)):
     if (torch.bincount(owner, minlength=n_images) == 0).any():
         raise ValueError("every image needs at least one text in text_to_image")
     own = scores[owner, torch.arange(n_texts, device=scores.device)]  # (Nt,) text vs its image
-    # t2i: rank of a text's own image = number of images scoring above it for that text.
-    t2i_rank = (scores > own[None, :]).sum(dim=0)                               # (Nt,)
-    # i2t: rank of an image's best own text = number of texts scoring above that one.
+    is_own = torch.zeros_like(scores, dtype=torch.bool)                         # (Ni, Nt)
+    is_own[owner, torch.arange(n_texts, device=scores.device)] = True
+    # t2i: rank of a text's own image = number of other images scoring at least as high.
+    t2i_rank = ((scores >= own[None, :]) & ~is_own).sum(dim=0)                 # (Nt,)
+    # i2t: rank of an image's best own text = number of other texts scoring at least as high.
     best_own = torch.full((n_images,), float("-inf"), dtype=scores.dtype, device=scores.device)
     best_own = best_own.scatter_reduce(0, owner, own, reduce="amax")            # (Ni,)
-    i2t_rank = (scores > best_own[:, None]).sum(dim=1)                          # (Ni,)
+    i2t_rank = ((scores >= best_own[:, None]) & ~is_own).sum(dim=1)            # (Ni,)
     out = {}
     for k in ks:
         out[f"i2t_r{k}"] = (i2t_rank < k).float().mean().item()

@@ -273,6 +273,16 @@ def test_retrieval_recall_matches_topk_definition():
     assert 0.1 < got["t2i_r1"] < got["t2i_r10"] < 1
 
 
+def test_retrieval_recall_counts_ties_against_the_right_answer():
+    # Collapsed features (every score equal) must not look like perfect retrieval.
+    assert set(M.retrieval_recall(torch.zeros(4, 4), [0, 1, 2, 3], ks=(1,)).values()) == {0.0}
+    scores = torch.tensor([[1.0, 1.0, 0.0],      # image 0: own text 0 tied with text 1
+                           [0.0, 1.0, 0.5]])     # image 1: own texts 1 and 2, best one first
+    got = M.retrieval_recall(scores, [0, 1, 1], ks=(1, 2))
+    assert got == pytest.approx({"i2t_r1": 0.5, "i2t_r2": 1.0,
+                                 "t2i_r1": 2 / 3, "t2i_r2": 1.0})
+
+
 def test_retrieval_recall_rejects_bad_index():
     with pytest.raises(ValueError):
         M.retrieval_recall(torch.zeros(2, 3), [0, 0, 2])
