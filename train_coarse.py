@@ -26,9 +26,10 @@ from typing import Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-import checkpoints
+import releases
 import training as T
-from data import PretrainCollator, SkipTracker, TooManyBadSamples, build_pretrain_dataset
+from data import (AnnotationError, PretrainCollator, SkipTracker, TooManyBadSamples,
+                  build_pretrain_dataset)
 from data import load_tokenizer
 from heads import PretrainObjective
 from loading import detect_kind, load_strict
@@ -73,6 +74,8 @@ def build_parser():
         help="'synthetic' (the embedded shapes world), a COCO-captions .json or a .jsonl file "
              "of {image, caption} lines")
     add("--image-root", help="folder the image paths in --data are relative to")
+    add("--allow-outside-root", action="store_true",
+        help="accept image paths that leave --image-root (absolute or through ..)")
     add("--eval-data", help="evaluation data of a fine-tuning task, in --data's format "
         "(default: the synthetic validation split, or --data itself for files)")
     add("--eval-limit", type=int, help="evaluate on at most this many items")
@@ -112,7 +115,7 @@ def build_parser():
     add("--no-eval", action="store_true", help="skip every evaluation (quick runs, tests)")
     add("--log-every", type=int, help="log a line every N steps (preset: tiny 20, base 50)")
     add("--max-skip-fraction", type=float, default=0.05,
-        help="stop when more than this fraction of the samples could not be read")
+        help="stop when more than this fraction of an epoch's samples could not be read")
     add("--max-nonfinite-steps", type=int, default=10,
         help="stop after this many consecutive steps with a NaN/inf loss")
     add("--dist-timeout", type=float, default=600.0,
@@ -183,8 +186,12 @@ def evaluate_pretrain(model, args, tokenizer, env):
     txt = torch.cat([model.encode_text(i.to(dev), m.to(dev))
                      for i, m in zip(ids.split(50), mask.split(50))])  # (N, D)
     model.train(was_training)
-    recall = retrieval_recall((img @ txt.t()).float().cpu(), torch.arange(len(captions)),
-                              ks=(1, 5))
+    sim = (img @ txt.t()).float().cpu()  # (N images, N texts)
+    if sim.max() - sim.min() < 1e-4:
+        # metrics.retrieval_recall counts ties in favour of the right answer
+        T.warn("the ITC features have collapsed (all similarities equal): the retrieval "
+               "numbers below mean nothing")
+    recall = retrieval_recall(sim, torch.arange(len(captions)), ks=(1, 5))
     return {k.replace("_r", "_R@"): 100 * v for k, v in recall.items()}
 
 
@@ -263,7 +270,7 @@ def init_weights(model, sources):
     fills its backbone (new pre-training starts so, as in the paper).
     """
     for source in sources:
-        state = checkpoints.load_weights(source)  # safe unpickling, .ckpt/.pth/safetensors
+        state = releases.load_weights(source)  # safe unpickling, .ckpt/.pth/safetensors
         kind = detect_kind(state.tensors)
         if kind == "fiber":
             model.load_original_state_dict(state.tensors, source=str(source))
@@ -285,6 +292,7 @@ def build_data(args, env, tokenizer, dataset=None, collate=None):
         # counted as skipped): every micro-batch keeps its size, which DDP's gathers need.
         dataset = build_pretrain_dataset(args.data, split="train", image_size=args.image_size,
                                          train=True, seed=args.seed, image_root=args.image_root,
+                                         allow_outside_root=args.allow_outside_root,
                                          replace_bad=True)
         collate = PretrainCollator(tokenizer, max_len=args.max_text_len, seed=args.seed)
     sampler = T.ResumableBatchSampler(len(dataset), args.batch_size, rank=env.rank,
@@ -487,12 +495,12 @@ def loop(run, env, wrapped, task, steps, dataset):
     args = run.args
     loss_fn = make_loss_fn(getattr(dataset, "load_images", None))
     stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
-    skips = SkipTracker(max_fraction=args.max_skip_fraction)
+    skips = SkipTracker(max_fraction=args.max_skip_fraction, reduce=sum_over_ranks(env))
     window, meter, skipped = LossWindow(), T.Throughput(), 0
     bar = T.progress_bar(steps, run.step, env)
     try:
         while run.step < steps:
-            micro = [next(run.stream) for _ in range(args.accum_steps)]
+            micro, epochs_ended = next_micro_batches(run.stream, args.accum_steps)
             for b in micro:
                 skips.update(b)
                 skipped += b["num_skipped"]
@@ -508,6 +516,9 @@ def loop(run, env, wrapped, task, steps, dataset):
             bar.update(1)
             bar.set_postfix_str(format_losses(result.losses, task.loss_names))
             after_step(run, env, task, window, meter, steps)
+            for epoch in epochs_ended:
+                # the same epochs end on every rank (equal shards), so the all-reduce matches
+                T.log(f"epoch {epoch}: {skips.end_epoch()}")
             (stop_now,) = T.any_rank([stop.requested], env)
             if stop_now:
                 path = save(run, env, keep_copy=False)
@@ -526,13 +537,32 @@ def loop(run, env, wrapped, task, steps, dataset):
             "overflow_steps": guard.overflows}
 
 
+def next_micro_batches(stream, count):
+    """The next `count` micro-batches and the epochs that the last of them completed."""
+    micro, ended = [], []
+    for _ in range(count):
+        epoch = stream.epoch
+        micro.append(next(stream))
+        if stream.batch_in_epoch == stream.sampler.batches_per_epoch():
+            ended.append(epoch)
+    return micro, ended
+
+
+def sum_over_ranks(env):
+    """(seen, skipped) counts summed over all ranks, for SkipTracker's end-of-epoch check."""
+    def reduce(seen, skipped):
+        mean = T.all_reduce_mean({"seen": seen, "skipped": skipped}, env)
+        return (round(mean["seen"] * env.world_size), round(mean["skipped"] * env.world_size))
+    return reduce
+
+
 def after_step(run, env, task, window, meter, steps):
     """Periodic logging, checkpointing and evaluation (same steps on every rank)."""
     args = run.args
     if run.step % args.log_every == 0 or run.step == steps:
         losses = window.read(env)
         run.last_losses = losses
-        if run.first_losses is None:
+        if not run.first_losses:  # {} when every step of the first window was skipped
             run.first_losses = losses
         sps, sec = meter.read()
         lr = run.optimizer.param_groups[0]["lr"]
@@ -592,7 +622,7 @@ def main(argv=None):
         if summary["status"] == "done":
             report(summary, TASKS[args.task], time.time() - t0)
         return 0
-    except (T.DivergenceError, TooManyBadSamples, T.CheckpointError) as err:
+    except (T.DivergenceError, TooManyBadSamples, AnnotationError, T.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     except RuntimeError as err:

@@ -95,8 +95,8 @@ def test_vqa_reader_names_coco_images_and_keeps_the_answers(tmp_path):
 @pytest.mark.parametrize("questions, annotations, message", [
     ([question(1), question(2)], [annotation(1, ["a"])], r"q.json: questions\[1\].*question_id 2 "
                                                          r"has no annotation"),
-    ([question(1), question(1)], [annotation(1, ["a"])], r"questions\[1\]: duplicate "
-                                                         r"question_id 1, first at .*questions\[0\]"),
+    ([question(1), question(1)], [annotation(1, ["a"])],
+     r"questions\[1\]: duplicate question_id 1, first at .*questions\[0\]"),
     ([question(1)], [annotation(1, ["a"]), annotation(1, ["b"])], r"a.json: annotations\[1\]: "
                                                                   r"duplicate question_id 1"),
     ([question(1)], [annotation(1, ["a"]), annotation(9, ["b"])], r"annotations\[1\]: an "

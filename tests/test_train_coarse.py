@@ -61,6 +61,13 @@ def test_presets_fill_unset_flags_only():
     assert tc.parse_args(["--epochs", "2"]).steps is None
 
 
+def test_epochs_count_optimizer_steps():
+    args = tc.parse_args(["--epochs", "1.5", "--batch-size", "4", "--accum-steps", "2"])
+    sampler = tc.T.ResumableBatchSampler(100, 4, world_size=2)  # 12 micro-batches per epoch
+    stream = tc.T.BatchStream(tc.T.make_loader(list(range(100)), sampler))
+    assert tc.total_steps(args, stream) == 9  # 12 micro-batches / 2 accumulated = 6 a epoch
+
+
 FLAGS = [*SMALL, "--steps", "3"]
 
 
