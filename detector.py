@@ -302,7 +302,7 @@ class FiberDetector(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, *, ema=False, version=None, head=None,
                         **download_options):
-        """A released fine-grained checkpoint by name (see checkpoints.RELEASES) or a path.
+        """A released fine-grained checkpoint by name (see releases.RELEASES) or a path.
 
         Reads original `.pth` files (weights under "model", DDP `module.` prefix) and this
         project's train_fine.py checkpoints. `ema=True` takes the EMA weights ("model_ema" or
@@ -310,8 +310,8 @@ class FiberDetector(nn.Module):
         class-channel count come from the file; the RefCOCO releases get the refexp
         post-processing (threshold 0, 3000 candidates). `head`: DetectionHeadConfig overrides.
         """
-        import checkpoints
-        state = checkpoints.load_weights(name_or_path, **download_options)
+        import releases
+        state = releases.load_weights(name_or_path, **download_options)
         return cls.from_state_file(state, name=str(name_or_path), ema=ema, version=version,
                                    head=head)
 

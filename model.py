@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from fusion import FusedBackbone, FusionConfig, ImageState, TextState
 from heads import ITMHead, MLMHead, Pooler, classifier
 from roberta import RobertaConfig, causal_additive_mask
-from loading import (CheckpointMismatch, convert_original, detect_kind, heads_in, image_size_in,
-                     load_partial,
+from loading import (convert_original, detect_kind, heads_in, image_size_in, load_partial,
                      load_strict, ours_to_original, resize_position_tables,
                      roberta_release_to_ours, swin_release_to_ours)
 from swin import SwinConfig
@@ -263,8 +262,8 @@ class Fiber(nn.Module):
         The heads present in the file decide which heads are built (or pass `heads`).
         `image_size` other than the file's resizes the position bias tables (e.g. 384 -> 576).
         """
-        import checkpoints
-        state = checkpoints.load_weights(name_or_path, **download_options)
+        import releases
+        state = releases.load_weights(name_or_path, **download_options)
         return cls.from_state_file(state, image_size=image_size, heads=heads)
 
     @classmethod

@@ -152,8 +152,8 @@ def model_config(args):
 
 def init_weights(model, spec):
     """--init: a coarse checkpoint (backbone only), or fine-grained weights (everything)."""
-    import checkpoints
-    state = checkpoints.load_weights(spec)
+    import releases
+    state = releases.load_weights(spec)
     sd = pick_weights(state, ema=False)
     kind = detector_kind(sd)
     if kind == "fiber-fine" and not any(k.startswith("rpn.") for k in sd):
