@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from heads import PretrainObjective
+from heads import PretrainObjective, naive_pretrain_losses
 from model import Fiber, FiberConfig
 
 
@@ -43,6 +43,10 @@ def parse_args(argv=None):
     p.add_argument("--fixtures", type=Path, default=None,
                    help="folder of the original's golden fixtures: use its weights and inputs")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
+    p.add_argument("--naive", action="store_true",
+                   help="step: compute the losses the original's way (full forward of both "
+                        "backbones for ITC, MLM and each ITM pair), the baseline of the "
+                        "shared-lower-backbone lever")
     return p.parse_args(argv)
 
 
@@ -124,6 +128,26 @@ def run_step(objective, optimizer, batch, args):
     return out
 
 
+def run_naive_step(model, optimizer, batch, args):
+    """The same losses, computed as the original does; negatives drawn from ITC as it does."""
+    with autocast(args):
+        with torch.no_grad():
+            image_feat = model.encode_image(batch["images"])
+            text_feat = model.encode_text(batch["text_ids"], batch["text_mask"])
+            sim = image_feat @ text_feat.t() / model.temp
+            g = torch.Generator().manual_seed(0)
+            w_i2t = torch.softmax(sim.float(), 1).fill_diagonal_(0) + 1e-9
+            w_t2i = torch.softmax(sim.t().float(), 1).fill_diagonal_(0) + 1e-9
+            neg_img = torch.multinomial(w_t2i, 1, generator=g)[:, 0]
+            neg_txt = torch.multinomial(w_i2t, 1, generator=g)[:, 0]
+        loss, (itc, itm, mlm) = naive_pretrain_losses(model, batch, neg_img, neg_txt)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return dict(loss=loss.detach(), itc_loss=itc.detach(), itm_loss=itm.detach(),
+                mlm_loss=mlm.detach())
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -155,6 +179,8 @@ def main(argv=None):
         optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-5), betas=(0.9, 0.98))
 
         def work():
+            if args.naive:
+                return run_naive_step(model, optimizer, batch, args)
             return run_step(objective, optimizer, batch, args)
         samples = B
 
@@ -169,7 +195,8 @@ def main(argv=None):
     seconds = (time.perf_counter() - start) / args.steps
 
     print(f"{args.mode} batch {B} at {args.image_size} px, amp {args.amp}"
-          f"{', grad checkpointing' if args.grad_checkpointing else ''}: "
+          f"{', grad checkpointing' if args.grad_checkpointing else ''}"
+          f"{', naive (original) loss path' if args.naive and args.mode == 'step' else ''}: "
           f"{seconds:.2f} s, {samples / seconds:.2f} samples/s, "
           f"{flops / seconds / 1e9:.0f} GFLOP/s achieved ({flops / 1e9:.0f} GFLOP), "
           f"peak memory {peak_memory_gb(device):.2f} GB")

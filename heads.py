@@ -146,8 +146,10 @@ class FeatureQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, image_feats, text_feats, text_ids, text_mask, image_index):
-        """Insert a (gathered) batch at the pointer, wrapping around."""
+        """Insert a (gathered) batch at the pointer, wrapping around (size 0: no queue)."""
         n = image_feats.shape[0]
+        if self.size == 0:
+            return
         slots = (int(self.ptr) + torch.arange(n)) % self.size
         slots = slots.to(self.image_feats.device)
         self.image_feats[slots] = image_feats.float()
@@ -326,3 +328,22 @@ def cat_states(states):
         else:
             fields[name] = value
     return type(first)(**fields)
+
+
+def naive_pretrain_losses(model, batch, neg_img, neg_txt):
+    """The original's way of computing the pre-training losses: a full forward of both
+    backbones for ITC, for MLM and for each of the 3B ITM pairs (B positives, B pairs with a
+    negative text, B with a negative image). PretrainObjective gives the same numbers with the
+    lower backbones run once; this reference checks it (tests) and measures it (bench.py)."""
+    images, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
+    itc, _, _ = itc_loss(model.encode_image(images), model.encode_text(ids, mask), model.temp)
+    pair_images = torch.cat([images, images, images[neg_img]])
+    pair_texts = torch.cat([ids, ids[neg_txt], ids])
+    pair_masks = torch.cat([mask, mask[neg_txt], mask])
+    logits = model.itm_score(model(pair_images, pair_texts, pair_masks)["cls_feats"])
+    B = images.shape[0]
+    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(logits.device)
+    itm = F.cross_entropy(logits, labels)
+    mlm_states = model(images, batch["mlm_ids"], mask)["text_feats"]
+    mlm = mlm_loss(model.mlm_score(mlm_states), batch["mlm_labels"])
+    return itc + itm + mlm, (itc, itm, mlm)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import FIXTURES, need_shared
-from heads import PretrainObjective, itc_loss, mlm_loss
+from heads import PretrainObjective, mlm_loss, naive_pretrain_losses
 from loading import CheckpointMismatch, dropped_reason, original_to_ours, ours_to_original
 from model import Fiber, FiberConfig
 
@@ -142,24 +142,6 @@ def test_parameter_groups_follow_the_original_rules():
     assert where["temp"]["weight_decay"] == 0.01
 
 
-def naive_losses(model, batch, neg_img, neg_txt):
-    """The original's way: full forward passes for every path and every ITM pair."""
-    imgs, ids, mask = batch["images"], batch["text_ids"], batch["text_mask"]
-    image_feat = model.encode_image(imgs)
-    text_feat = model.encode_text(ids, mask)
-    itc, _, _ = itc_loss(image_feat, text_feat, model.temp)
-    images = torch.cat([imgs, imgs, imgs[neg_img]])
-    texts = torch.cat([ids, ids[neg_txt], ids])
-    masks = torch.cat([mask, mask[neg_txt], mask])
-    logits = model.itm_score(model(images, texts, masks)["cls_feats"])
-    B = imgs.shape[0]
-    labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long()
-    itm = F.cross_entropy(logits, labels)
-    mlm = mlm_loss(model.mlm_score(model(imgs, batch["mlm_ids"], mask)["text_feats"]),
-                   batch["mlm_labels"])
-    return itc + itm + mlm, (itc, itm, mlm)
-
-
 def test_shared_lower_backbone_equals_naive_path():
     """Computing each image's and caption's lower backbone once gives the same losses and
     gradients as recomputing it for every pass and pair (same negative draws)."""
@@ -185,7 +167,7 @@ def test_shared_lower_backbone_equals_naive_path():
         w_t2i = F.softmax(t_f @ i_f.t() / model.temp, 1).fill_diagonal_(0)
         neg_img = torch.multinomial(w_t2i + 1e-9, 1, generator=g)[:, 0]
         neg_txt = torch.multinomial(w_i2t + 1e-9, 1, generator=g)[:, 0]
-    loss, (itc, itm, mlm) = naive_losses(model, batch, neg_img, neg_txt)
+    loss, (itc, itm, mlm) = naive_pretrain_losses(model, batch, neg_img, neg_txt)
     loss.backward()
     assert abs(out["itc_loss"] - itc.item()) < 1e-4
     assert abs(out["itm_loss"] - itm.item()) < 1e-4
