@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data import (AnnotationError, SkipBadSamples, _field, load_image, read_json,
-                  resolve_image_path, sample_generator)
+from data import AnnotationError, SkipBadSamples, _field, read_json, resolve_image_path
+from images import load_image, sample_generator
 from prompts import clean_name, detection_text, encode_with_spans, fit_prompt, positive_map
 from synthetic import SHAPES, SyntheticWorld
 

@@ -36,8 +36,9 @@ from tqdm import tqdm
 
 import generation
 import training as T
-from data import ImageTransform, load_image, load_tokenizer
+from data import load_tokenizer
 from data_tasks import ANSWERS_FILE, AnswerVocab
+from images import ImageTransform, load_image
 from metrics import (bleu, cider_d, coco_box_ap, grounding_recall, rec_accuracy,  # noqa: F401
                      retrieval_recall, vqa_score)
 from model import Fiber, FiberConfig

@@ -28,7 +28,8 @@ import torch
 from PIL import ImageDraw
 
 import metrics
-from data import load_image, load_tokenizer
+from data import load_tokenizer
+from images import load_image
 from data_fine import (SYNTHETIC_NAMES, FineCollator, FineDataset, build_fine_dataset,
                        detection_transform, scale_boxes, synthetic_samples)
 from detector import FiberDetector, FiberDetectorConfig

@@ -165,6 +165,7 @@ class Fiber(nn.Module):
         return F.normalize(cls, dim=-1), tokens
 
     def itc_text(self, text: TextState):
+        """Text-only path: normalised contrastive feature (B, D) from <s>, token features."""
         tokens = self.cross_modal_text_transform_itc(self.backbone.text_upper_alone(text))
         return F.normalize(self.cross_modal_text_pooler_itc(tokens), dim=-1), tokens
 

@@ -13,8 +13,8 @@ from functools import partial
 
 import torch
 
-from data import (AUGMENT_STREAM, CaptionDataset, ImageTransform, SkipBadSamples, load_image,
-                  sample_generator)
+from data import CaptionDataset, SkipBadSamples
+from images import AUGMENT_STREAM, ImageTransform, load_image, sample_generator
 from data_tasks import (AnswerVocab, check_unique, load_caption_corpus, load_nlvr2, load_vqa,
                         parse_source, report_vocab_coverage, synthetic_corpus, synthetic_nlvr2,
                         synthetic_vqa, target_tensor, vqa_target)

@@ -6,9 +6,10 @@
     torchrun --nproc_per_node 8 train_coarse.py --config base --data coco_train.json \\
         --image-root /data/coco --batch-size 32 --accum-steps 16 --amp bf16
 
-A plain loop: every piece it needs (distributed set-up, resumable sampler, atomic checkpoints,
-schedules, mixed precision, the accumulation step, the NaN guard, graceful stop) lives in
-training.py. A stopped run resumes bit-exactly: see training.py for what that takes.
+A plain loop: training.train_loop (accumulation, mixed precision, NaN and bad-data guards,
+graceful stop) over pieces that live in training.py, distributed.py and resume.py. What is
+FIBER's is here: the model, the objective, the data, the evaluation. A stopped run resumes
+bit-exactly: see resume.py for what that takes.
 
 Tasks: `--task pretrain` is the coarse pre-training of the paper. A task is an entry of TASKS
 (the heads it needs, its objective, its data, its evaluation), so fine-tuning tasks (VQA,
@@ -18,7 +19,6 @@ import argparse
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -28,9 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import releases
 import training as T
-from data import (AnnotationError, PretrainCollator, SkipTracker, TooManyBadSamples,
-                  build_pretrain_dataset)
-from data import load_tokenizer
+from data import AnnotationError, PretrainCollator, build_pretrain_dataset, load_tokenizer
 from heads import PretrainObjective
 from loading import detect_kind, load_strict
 from metrics import retrieval_recall
@@ -41,10 +39,12 @@ from task_datasets import vqa_vocab_for
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
-    # From scratch on the synthetic world: ~10-15 min on 2 CPU cores. A short queue: its
-    # features come from older weights, which change fast here, so old entries are easy
-    # negatives that teach little.
-    "tiny": dict(image_size=64, batch_size=16, steps=600, lr=3e-4, queue_size=64,
+    # From scratch on the synthetic world: ~10 min on 2 CPU cores. No ITC queue: FIBER's queue
+    # holds features of earlier weights (there is no momentum encoder), and from scratch the
+    # weights move so fast that the cheapest way to beat those stale negatives is to push
+    # every new feature the same way; with a 64-entry queue ITC collapsed (all features
+    # equal, loss ln(80)) within 200 steps at every lr tried, without it it learns.
+    "tiny": dict(image_size=64, batch_size=16, steps=600, lr=3e-4, queue_size=0,
                  save_every=200, log_every=20, text_init="fan_in"),
     # The paper's pre-training: lr 1e-5, 100k steps of 4096 samples (e.g. 8 GPUs x 32 x 16).
     "base": dict(image_size=384, batch_size=32, steps=100_000, lr=1e-5, queue_size=4096,
@@ -96,7 +96,7 @@ def build_parser():
     add("--amp", default="none", choices=sorted(T.AMP_DTYPES),
         help="mixed precision: bf16 (no scaling needed), fp16 (with a gradient scaler) or none")
     add("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
-    add("--queue-size", type=int, help="ITC queue length (preset: tiny 64, base 4096)")
+    add("--queue-size", type=int, help="ITC queue length, 0 for none (preset: tiny 0, base 4096)")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the model init, data order and masking")
     add("--out", default="runs/coarse", help="folder for checkpoints (last.pt, step_*.pt)")
@@ -361,52 +361,24 @@ def load_objective_buffers(objective, buffers, path):
 
 
 def checkpoint_state(run, env):
-    rng = T.gather_rng_states(env)  # a collective: every rank calls it
-    return {
-        "step": run.step, "model": run.model.state_dict(),
-        "objective": objective_buffers(run.objective),
-        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-        "scaler": run.scaler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
-        "config": run.config.to_dict(), "args": vars(run.args), "task": run.args.task,
-        "first_losses": run.first_losses,
-    }
+    return {**T.run_state(run, env), "objective": objective_buffers(run.objective),
+            "task": run.args.task}
 
 
 def save(run, env, *, keep_copy):
-    state = checkpoint_state(run, env)
-    path = None
-    if env.is_main:
-        path = T.save_training_checkpoint(run.args.out, state, keep_copy=keep_copy)
-    return path or T.checkpoint_paths(run.args.out, run.step)[0]
-
-
-def resume_path(args):
-    if args.resume == "auto":
-        last = Path(args.out) / "last.pt"
-        return last if last.is_file() else None
-    return Path(args.resume) if args.resume else None
+    return T.save_run(run, env, checkpoint_state(run, env), keep_copy=keep_copy)
 
 
 def maybe_resume(run, env):
     """Load --resume into the run; returns whether it did."""
-    path = resume_path(run.args)
+    path = T.resume_path(run.args)
     if path is None:
-        if run.args.resume == "auto":
-            T.log(f"--resume auto: no checkpoint in {run.args.out} yet, starting fresh")
         return False
     state = T.load_checkpoint(path, require=T.TRAINING_KEYS)
     T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
                               ignore_args=RESUME_MAY_CHANGE)
-    run.model.load_state_dict(state["model"])
     load_objective_buffers(run.objective, state["objective"], path)
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.stream.load_state_dict(state["data"])
-    run.step, run.first_losses = state["step"], state["first_losses"]
-    T.restore_rank_rng_state(state["rng"], env)
-    T.log(f"resumed from {path} at step {run.step} (epoch {state['data']['epoch']}, "
-          f"micro-batch {state['data']['batch_in_epoch']})")
+    T.restore_run(run, state, env, path)
     return True
 
 
@@ -421,23 +393,6 @@ def make_loss_fn(load_images):
             return {"loss": torch.zeros((), requires_grad=True)}
         return objective(batch, load_images)
     return loss_fn
-
-
-class LossWindow:
-    """Mean losses over the steps since the last read (reduced over ranks when read)."""
-
-    def __init__(self):
-        self.sums, self.n = {}, 0
-
-    def add(self, losses):
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
-
-    def read(self, env):
-        means = T.all_reduce_mean({k: v / max(1, self.n) for k, v in self.sums.items()}, env)
-        self.sums, self.n = {}, 0
-        return means
 
 
 def format_losses(losses, names):
@@ -492,78 +447,19 @@ def train(args, env):
 
 
 def loop(run, env, wrapped, task, steps, dataset):
-    args = run.args
     loss_fn = make_loss_fn(getattr(dataset, "load_images", None))
-    stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
-    skips = SkipTracker(max_fraction=args.max_skip_fraction, reduce=sum_over_ranks(env))
-    window, meter, skipped = LossWindow(), T.Throughput(), 0
-    bar = T.progress_bar(steps, run.step, env)
-    try:
-        while run.step < steps:
-            micro, epochs_ended = next_micro_batches(run.stream, args.accum_steps)
-            for b in micro:
-                skips.update(b)
-                skipped += b["num_skipped"]
-            micro = [to_device(b, env.device) for b in micro]
-            result = T.train_step(wrapped, micro, loss_fn, optimizer=run.optimizer,
-                                  scheduler=run.scheduler, scaler=run.scaler, env=env,
-                                  amp=args.amp, grad_clip=args.grad_clip)
-            run.step += 1
-            guard.update(result, run.step)
-            if not result.nonfinite:
-                window.add(result.losses)
-            meter.update(sum(b["num_samples"] for b in micro) * env.world_size)
-            bar.update(1)
-            bar.set_postfix_str(format_losses(result.losses, task.loss_names))
-            after_step(run, env, task, window, meter, steps)
-            for epoch in epochs_ended:
-                # the same epochs end on every rank (equal shards), so the all-reduce matches
-                T.log(f"epoch {epoch}: {skips.end_epoch()}")
-            (stop_now,) = T.any_rank([stop.requested], env)
-            if stop_now:
-                path = save(run, env, keep_copy=False)
-                T.log(f"stopped by {stop.name or 'a signal on another rank'} after step "
-                      f"{run.step}/{steps}; checkpoint {path}. Resume with: python "
-                      f"train_coarse.py <same flags> --out {args.out} --resume auto")
-                return {"status": "stopped", "step": run.step, "checkpoint": str(path)}
-    finally:
-        bar.close()
-        stop.uninstall()
-    path = save(run, env, keep_copy=True)
-    last = window.read(env) if window.n else run.last_losses
-    total_skipped = round(T.all_reduce_mean({"s": skipped}, env)["s"] * env.world_size)
-    return {"status": "done", "step": run.step, "checkpoint": str(path), "first": run.first_losses,
-            "last": last, "skipped_samples": total_skipped, "skipped_steps": guard.total,
-            "overflow_steps": guard.overflows}
-
-
-def next_micro_batches(stream, count):
-    """The next `count` micro-batches and the epochs that the last of them completed."""
-    micro, ended = [], []
-    for _ in range(count):
-        epoch = stream.epoch
-        micro.append(next(stream))
-        if stream.batch_in_epoch == stream.sampler.batches_per_epoch():
-            ended.append(epoch)
-    return micro, ended
-
-
-def sum_over_ranks(env):
-    """(seen, skipped) counts summed over all ranks, for SkipTracker's end-of-epoch check."""
-    def reduce(seen, skipped):
-        mean = T.all_reduce_mean({"seen": seen, "skipped": skipped}, env)
-        return (round(mean["seen"] * env.world_size), round(mean["skipped"] * env.world_size))
-    return reduce
+    return T.train_loop(
+        run, env, wrapped, steps=steps, loss_fn=loss_fn, to_device=to_device, save=save,
+        script="train_coarse.py",
+        after_step=lambda r, e, window, meter: after_step(r, e, task, window, meter, steps),
+        format_losses=lambda losses: format_losses(losses, task.loss_names))
 
 
 def after_step(run, env, task, window, meter, steps):
     """Periodic logging, checkpointing and evaluation (same steps on every rank)."""
     args = run.args
     if run.step % args.log_every == 0 or run.step == steps:
-        losses = window.read(env)
-        run.last_losses = losses
-        if not run.first_losses:  # {} when every step of the first window was skipped
-            run.first_losses = losses
+        losses = T.read_losses(run, env, window)
         sps, sec = meter.read()
         lr = run.optimizer.param_groups[0]["lr"]
         T.log(f"step {run.step}/{steps} | {format_losses(losses, task.loss_names)} | "
@@ -615,23 +511,9 @@ def report(summary, task, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    t0 = time.time()
-    env = T.setup_distributed(timeout_s=args.dist_timeout)
-    try:
-        summary = train(args, env)
-        if summary["status"] == "done":
-            report(summary, TASKS[args.task], time.time() - t0)
-        return 0
-    except (T.DivergenceError, TooManyBadSamples, AnnotationError, T.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as err:
-        if not (env.distributed and T.is_dist_failure(err)):
-            raise
-        print(T.explain_dist_failure(env, err), file=sys.stderr, flush=True)
-        return 1
-    finally:
-        T.cleanup_distributed()
+    return T.run_main(args, train, lambda summary, seconds: report(summary, TASKS[args.task],
+                                                                    seconds),
+                      errors=(AnnotationError,))
 
 
 if __name__ == "__main__":

@@ -8,18 +8,18 @@
         --data instances_train2017.json --image-root train2017 --batch-size 2 --amp bf16
     python train_fine.py --config base --data flickr.json --data refs.json:refexp ...
 
-A plain loop over training.py's pieces (distributed set-up, resumable sampler, atomic
-checkpoints, warm-up + multi-step schedule, AMP, accumulation, NaN guard, graceful stop). Two
-things training.py does not have live here: an EMA of the weights (the original's ModelEma,
-decay 0.999, kept in every checkpoint) and the original's optimiser groups (text backbone at its
-own learning rate, biases at 2x with no weight decay; FiberDetector.parameter_groups).
+The loop is training.train_loop, shared with train_coarse.py (distributed set-up, resumable
+sampler, atomic checkpoints, warm-up + multi-step schedule, AMP, accumulation, NaN guard,
+graceful stop). Two things the shared parts do not have live here: an EMA of the weights (the
+original's ModelEma, decay 0.999, kept in every checkpoint) and the original's optimiser groups
+(text backbone at its own learning rate, biases at 2x with no weight decay;
+FiberDetector.parameter_groups).
 
 A stopped run resumes bit-exactly (model, EMA, optimiser, schedule, data position, RNG).
 """
 import argparse
 import copy
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 import training as T
-from data import SkipTracker, TooManyBadSamples, load_tokenizer
+from data import AnnotationError, load_tokenizer
 from data_fine import FineCollator, build_fine_dataset
 from detector import FiberDetector, FiberDetectorConfig, detector_kind, pick_weights
 from eval_fine import synthetic_metrics
@@ -292,50 +292,25 @@ class Run:
 
 
 def checkpoint_state(run, env):
-    rng = T.gather_rng_states(env)  # a collective: every rank calls it
-    return {"step": run.step, "model": run.model.state_dict(),
-            "ema": run.ema.state_dict() if run.ema else None,
-            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-            "scaler": run.scaler.state_dict(), "data": run.stream.state_dict(), "rng": rng,
-            "config": run.config.to_dict(), "args": vars(run.args),
-            "first_losses": run.first_losses, "format": "fiber-detector"}
+    return {**T.run_state(run, env), "ema": run.ema.state_dict() if run.ema else None,
+            "format": "fiber-detector"}
 
 
 def save(run, env, *, keep_copy):
-    state = checkpoint_state(run, env)
-    if env.is_main:
-        return T.save_training_checkpoint(run.args.out, state, keep_copy=keep_copy)
-    return T.checkpoint_paths(run.args.out, run.step)[0]
-
-
-def resume_path(args):
-    if args.resume == "auto":
-        last = Path(args.out) / "last.pt"
-        return last if last.is_file() else None
-    return Path(args.resume) if args.resume else None
+    return T.save_run(run, env, checkpoint_state(run, env), keep_copy=keep_copy)
 
 
 def maybe_resume(run, env):
     """Load --resume into the run; returns whether it did."""
-    path = resume_path(run.args)
+    path = T.resume_path(run.args)
     if path is None:
-        if run.args.resume == "auto":
-            T.log(f"--resume auto: no checkpoint in {run.args.out} yet, starting fresh")
         return False
-    state = T.load_checkpoint(path)
+    state = T.load_checkpoint(path, require=T.TRAINING_KEYS)
     T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
                               ignore_args=RESUME_MAY_CHANGE)
-    run.model.load_state_dict(state["model"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
-    run.stream.load_state_dict(state["data"])
-    run.step, run.first_losses = state["step"], state["first_losses"]
-    T.restore_rank_rng_state(state["rng"], env)
-    T.log(f"resumed from {path} at step {run.step} (epoch {state['data']['epoch']}, "
-          f"micro-batch {state['data']['batch_in_epoch']})")
+    T.restore_run(run, state, env, path)
     return True
 
 
@@ -360,23 +335,6 @@ def format_metrics(m):
     return (f"AP50 {100 * m['AP50']:.1f} | AP {100 * m['AP']:.1f} | REC accuracy "
             f"{100 * m['REC_acc']:.1f} (chance {100 * m['REC_chance']:.1f}) | grounding R@1 "
             f"{100 * m['ground_R@1']:.1f}")
-
-
-class LossWindow:
-    """Mean losses over the steps since the last read (reduced over ranks when read)."""
-
-    def __init__(self):
-        self.sums, self.n = {}, 0
-
-    def add(self, losses):
-        for k, v in losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
-        self.n += 1
-
-    def read(self, env):
-        means = T.all_reduce_mean({k: v / max(1, self.n) for k, v in self.sums.items()}, env)
-        self.sums, self.n = {}, 0
-        return means
 
 
 def format_losses(losses):
@@ -427,57 +385,20 @@ def train(args, env):
 
 
 def loop(run, env, wrapped):
-    args = run.args
-    stop, guard = T.StopSignal().install(), T.NonFiniteGuard(args.max_nonfinite_steps)
-    skips = SkipTracker(max_fraction=args.max_skip_fraction)
-    window, meter, skipped = LossWindow(), T.Throughput(), 0
-    bar = T.progress_bar(args.steps, run.step, env)
-    try:
-        while run.step < args.steps:
-            micro = [next(run.stream) for _ in range(args.accum_steps)]
-            for b in micro:
-                skips.update(b)
-                skipped += b["num_skipped"]
-            micro = [to_device(b, env.device) for b in micro]
-            result = T.train_step(wrapped, micro, loss_fn, optimizer=run.optimizer,
-                                  scheduler=run.scheduler, scaler=run.scaler, env=env,
-                                  amp=args.amp, grad_clip=args.grad_clip)
-            run.step += 1
-            guard.update(result, run.step)
-            if not result.nonfinite:
-                window.add(result.losses)
-                if run.ema is not None:
-                    run.ema.update(run.model)
-            meter.update(sum(b["num_samples"] for b in micro) * env.world_size)
-            bar.update(1)
-            bar.set_postfix_str(format_losses(result.losses))
-            after_step(run, env, window, meter)
-            (stop_now,) = T.any_rank([stop.requested], env)
-            if stop_now:
-                path = save(run, env, keep_copy=False)
-                T.log(f"stopped by {stop.name or 'a signal on another rank'} after step "
-                      f"{run.step}/{args.steps}; checkpoint {path}. Resume with: python "
-                      f"train_fine.py <same flags> --out {args.out} --resume auto")
-                return {"status": "stopped", "step": run.step, "checkpoint": str(path)}
-    finally:
-        bar.close()
-        stop.uninstall()
-    path = save(run, env, keep_copy=True)
-    last = window.read(env) if window.n else run.last_losses
-    total_skipped = round(T.all_reduce_mean({"s": skipped}, env)["s"] * env.world_size)
-    return {"status": "done", "step": run.step, "checkpoint": str(path),
-            "first": run.first_losses, "last": last, "skipped_samples": total_skipped,
-            "skipped_steps": guard.total, "overflow_steps": guard.overflows}
+    def update_ema(run):
+        if run.ema is not None:
+            run.ema.update(run.model)
+    return T.train_loop(run, env, wrapped, steps=run.args.steps, loss_fn=loss_fn,
+                        to_device=to_device, save=save, after_step=after_step,
+                        format_losses=format_losses, script="train_fine.py",
+                        after_update=update_ema)
 
 
 def after_step(run, env, window, meter):
     """Periodic logging, checkpointing and evaluation (same steps on every rank)."""
     args = run.args
     if run.step % args.log_every == 0 or run.step == args.steps:
-        losses = window.read(env)
-        run.last_losses = losses
-        if run.first_losses is None:
-            run.first_losses = losses
+        losses = T.read_losses(run, env, window)
         sps, sec = meter.read()
         lr = run.optimizer.param_groups[0]["lr"]
         T.log(f"step {run.step}/{args.steps} | {format_losses(losses)} | "
@@ -524,26 +445,10 @@ def report(summary, seconds):
 
 def main(argv=None):
     args = parse_args(argv)
-    t0 = time.time()
     # tiny gradients and optimiser moments decay into subnormal floats, which CPUs process
     # ~100x slower: a step grew from 7 to 35 CPU-seconds within five steps without this
     torch.set_flush_denormal(True)
-    env = T.setup_distributed(timeout_s=args.dist_timeout)
-    try:
-        summary = train(args, env)
-        if summary["status"] == "done":
-            report(summary, time.time() - t0)
-        return 0
-    except (T.DivergenceError, TooManyBadSamples, T.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 1
-    except RuntimeError as err:
-        if not (env.distributed and T.is_dist_failure(err)):
-            raise
-        print(T.explain_dist_failure(env, err), file=sys.stderr, flush=True)
-        return 1
-    finally:
-        T.cleanup_distributed()
+    return T.run_main(args, train, report, errors=(AnnotationError,))
 
 
 if __name__ == "__main__":

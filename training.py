@@ -1,10 +1,11 @@
-"""Shared pieces of the plain PyTorch training loops (train_coarse.py, train_fine.py).
+"""The plain PyTorch training loop that train_coarse.py and train_fine.py share, and its parts.
 
-Nothing here knows about FIBER: it is distributed set-up, a resumable sampler, reproducible
-RNG and data positions, atomic checkpoints, learning-rate schedules, mixed precision, one
-optimisation step with gradient accumulation, a guard against diverging runs, graceful stop
-on SIGINT/SIGTERM, and throughput/memory meters. Each training script composes them into its
-own short loop, so the loop itself stays readable in one place.
+Nothing here knows about FIBER: a resumable sampler and data stream, learning-rate schedules,
+mixed precision, one optimisation step with gradient accumulation, guards against diverging
+runs and unreadable data, graceful stop on SIGINT/SIGTERM, throughput/memory meters, and the
+loop itself (`train_loop`) with the `run_main` wrapper that turns failures into messages.
+Distributed set-up is distributed.py and exact-resume state is resume.py; their functions are
+re-exported here, so a script reaches the whole toolbox as `training.<name>`.
 
 Exact resume contract: a run stopped after step k and resumed from its checkpoint reaches the
 same parameters, bit for bit, as a run that never stopped. That holds because
@@ -14,13 +15,8 @@ same parameters, bit for bit, as a run that never stopped. That holds because
   - every global RNG (python, numpy, torch CPU/CUDA) of every rank is saved and restored, and
   - the DataLoader draws its worker seeds from a private generator, not the global one.
 """
-import hashlib
 import math
-import os
-import pickle
-import random
 import resource
-import shutil
 import signal
 import sys
 import time
@@ -28,136 +24,18 @@ import warnings
 from bisect import bisect_right
 from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoints
-
-# ---------------------------------------------------------------------------------------------
-# Distributed set-up
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in a (possibly single-process) run."""
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    timeout_s: float = 600.0
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-
-def setup_distributed(*, timeout_s=600.0, device="auto"):
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK and join the process group.
-
-    NCCL on GPU, gloo on CPU. The finite `timeout_s` bounds every collective: if one rank dies
-    the others fail after at most that long instead of hanging forever (torchrun usually
-    tears them down sooner). Without torchrun this returns a single-process DistEnv.
-    """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=timedelta(seconds=timeout_s),
-            rank=rank,
-            world_size=world_size,
-        )
-    return DistEnv(rank, world_size, local_rank, dev, timeout_s)
-
-
-def cleanup_distributed():
-    """Leave the process group (safe to call when none was joined)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def explain_dist_failure(env, err):
-    """A message for a collective that failed: usually another rank crashed or was killed."""
-    return (
-        f"rank {env.rank}/{env.world_size}: a collective operation failed or timed out "
-        f"(timeout {env.timeout_s:.0f} s, --dist-timeout): another rank probably crashed or "
-        f"was killed; its own log says why. Original error: {str(err).splitlines()[0]}\n"
-        "Fix the cause, then restart with --resume auto to continue from the last checkpoint."
-    )
-
-
-def is_dist_failure(err):
-    """Whether an exception comes from a failed collective (a dead peer, a timeout)."""
-    if isinstance(err, dist.DistError):
-        return True
-    text = str(err).lower()
-    return any(s in text for s in ("gloo", "nccl", "timed out", "connection", "peer"))
-
-
-def is_main_process():
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def log(msg):
-    """Print on rank 0 only, without breaking a running tqdm bar."""
-    if is_main_process():
-        tqdm.write(str(msg), file=sys.stdout)
-        sys.stdout.flush()
-
-
-def warn(msg):
-    """Print a warning on every rank (a rank-specific problem must not be hidden)."""
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    print(f"[rank {rank}] WARNING: {msg}", file=sys.stderr, flush=True)
-
-
-def all_reduce_mean(values, env):
-    """Average a dict of floats (or a tensor) over ranks; identity on a single process."""
-    as_dict = isinstance(values, dict)
-    keys = sorted(values) if as_dict else None
-    t = torch.tensor([float(values[k]) for k in keys]) if as_dict else values.detach().clone()
-    if env.distributed:
-        t = t.to(env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t = t / env.world_size
-    return {k: v.item() for k, v in zip(keys, t.cpu())} if as_dict else t
-
-
-def any_rank(flags, env):
-    """For each boolean, True when it is True on at least one rank (one small all-reduce)."""
-    t = torch.tensor([float(f) for f in flags])
-    if env.distributed:
-        t = t.to(env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in t.cpu().tolist()]
-
-
-def ranks_agree(module, env):
-    """True when every rank holds bit-identical parameters (a collective; a DDP sanity check)."""
-    digest = hashlib.sha256()
-    for p in module.parameters():
-        digest.update(p.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    if not env.distributed:
-        return True
-    digests = [None] * env.world_size
-    dist.all_gather_object(digests, digest.hexdigest())
-    return len(set(digests)) == 1
+from distributed import (DistEnv, all_reduce_mean, any_rank, cleanup_distributed,  # noqa: F401
+                         explain_dist_failure, is_dist_failure, is_main_process, log,
+                         ranks_agree, setup_distributed, warn)
+from resume import (TRAINING_KEYS, CheckpointError, capture_rng_state,  # noqa: F401
+                    check_resume_compatible, checkpoint_paths, config_differences,
+                    gather_rng_states, load_checkpoint, restore_rank_rng_state,
+                    restore_rng_state, restore_run, resume_path, run_state, save_checkpoint,
+                    save_run, save_training_checkpoint, seed_everything)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,187 +150,6 @@ class BatchStream:
     def load_state_dict(self, state):
         self.epoch, self.batch_in_epoch = int(state["epoch"]), int(state["batch_in_epoch"])
         self._it = None
-
-
-# ---------------------------------------------------------------------------------------------
-# Reproducibility
-
-
-def seed_everything(seed):
-    """Seed python, numpy and torch (CPU and every GPU)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def capture_rng_state():
-    """All global RNG states of this process, as tensors/ints only (safe to unpickle)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state):
-    """Inverse of capture_rng_state."""
-    random.setstate(state["python"])
-    n = state["numpy"]
-    keys = n["keys"].numpy().astype(np.uint32)
-    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def gather_rng_states(env):
-    """The RNG state of every rank, as a list indexed by rank (a collective call)."""
-    state = capture_rng_state()
-    if not env.distributed:
-        return [state]
-    states = [None] * env.world_size
-    dist.all_gather_object(states, state)
-    return states
-
-
-def restore_rank_rng_state(states, env):
-    """Restore this rank's RNG state; with another number of ranks the run is not bit-exact."""
-    if len(states) != env.world_size:
-        warn(f"the checkpoint was written by {len(states)} rank(s) and this run has "
-             f"{env.world_size}: training continues, but not bit-identically")
-        return
-    restore_rng_state(states[env.rank])
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or does not fit the current run."""
-
-
-def save_checkpoint(path, state):
-    """Atomically write `state` to `path`: either the new file or the previous one, never half.
-
-    On an OSError (a full disk, a vanished directory) the temp file is removed, the previous
-    checkpoint at `path` is kept, and a CheckpointError says so.
-    """
-    try:
-        # temp file in the same folder, flush + fsync, os.replace, fsync of the folder
-        checkpoints.atomic_save(state, path)
-    except OSError as err:
-        raise CheckpointError(
-            f"could not write checkpoint {path}: {err}. Free disk space or choose another "
-            "--out, then resume from the last checkpoint."
-        ) from err
-
-
-TRAINING_KEYS = ("step", "model", "optimizer", "scheduler", "data", "rng", "config", "args")
-
-
-def load_checkpoint(path, *, map_location="cpu", require=()):
-    """Load a checkpoint written by save_checkpoint (tensors and plain Python types only).
-
-    A damaged file (truncated by a crash, a copy cut short) or a file lacking any of the
-    `require`d entries (e.g. a weights-only export passed to --resume) is a CheckpointError
-    that names the file and the way out.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist: check --resume")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged or not a torch checkpoint ({str(err).splitlines()[0]}"
-            "). Resume from one of the periodic copies beside it (step_*.pt) instead."
-        ) from err
-    missing = [k for k in require if not (isinstance(state, dict) and k in state)]
-    if missing:
-        raise CheckpointError(
-            f"{path} is not a training checkpoint (it lacks {', '.join(missing)}): it cannot be "
-            "resumed. To start a new run from its weights, use --init."
-        )
-    return state
-
-
-def config_differences(saved, current, prefix=""):
-    """Fields whose values differ between two dicts, as 'name: checkpoint A vs now B' lines.
-
-    Nested dicts (a model config's sub-configs) are compared field by field, named a.b.
-    """
-    missing = object()
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        a, b = saved.get(key, missing), current.get(key, missing)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, prefix=f"{prefix}{key}.")
-        elif _normalise(a) != _normalise(b):
-            a = "(absent)" if a is missing else repr(a)
-            b = "(absent)" if b is missing else repr(b)
-            diffs.append(f"{prefix}{key}: checkpoint {a} vs now {b}")
-    return diffs
-
-
-def _normalise(value):
-    # A tuple saved by one run and a list built by the next are the same setting.
-    return list(value) if isinstance(value, tuple) else value
-
-
-def check_resume_compatible(state, path, *, config, args, ignore_args=()):
-    """Refuse to resume into a run whose model config or training flags differ.
-
-    `config` is the model configuration dict, `args` the training flags; flags in
-    `ignore_args` (output paths, worker counts, logging intervals) may change across a resume.
-    """
-    flags = {k: v for k, v in args.items() if k not in ignore_args}
-    saved_flags = {k: v for k, v in state["args"].items() if k not in ignore_args}
-    diffs = ["config." + d for d in config_differences(state["config"], config)]
-    for line in config_differences(saved_flags, flags):
-        name, rest = line.split(":", 1)
-        diffs.append(f"--{name.replace('_', '-')}:{rest}")
-    if diffs:
-        raise CheckpointError(
-            f"cannot resume from {path}: it was written by a run with different settings:\n  "
-            + "\n  ".join(diffs)
-            + "\nResume with the original settings, or start a new run in another --out "
-            "(use --init to start from its weights)."
-        )
-
-
-def checkpoint_paths(out_dir, step):
-    """last.pt (always the newest) and the periodic copy kept for `step`."""
-    out_dir = Path(out_dir)
-    return out_dir / "last.pt", out_dir / f"step_{step:07d}.pt"
-
-
-def save_training_checkpoint(out_dir, state, *, keep_copy):
-    """Write last.pt and, when `keep_copy`, a permanent step_XXXXXXX.pt beside it."""
-    last, copy = checkpoint_paths(out_dir, state["step"])
-    save_checkpoint(last, state)
-    if keep_copy:
-        _keep_copy(last, copy)
-    return last
-
-
-def _keep_copy(last, copy):
-    # A hard link costs no time and no disk: the next save replaces last.pt by a new file
-    # (os.replace), and the link keeps this one. Where links are not supported, copy.
-    copy.unlink(missing_ok=True)
-    try:
-        os.link(last, copy)
-    except OSError:
-        try:
-            with open(last, "rb") as src:
-                checkpoints.atomic_write(copy, lambda f: shutil.copyfileobj(src, f))
-        except OSError as err:
-            raise CheckpointError(f"could not copy {last} to {copy}: {err}") from err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -671,3 +368,176 @@ def progress_bar(total, initial, env, desc="train"):
     the periodic log lines say the same without a screenful of carriage returns)."""
     return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, file=sys.stdout,
                 disable=not (env.is_main and sys.stdout.isatty()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Unreadable samples
+
+
+class TooManyBadSamples(RuntimeError):
+    """More samples were unreadable than the run allows."""
+
+
+class SkipTracker:
+    """Counts skipped samples per epoch from the batches and stops a run drowning in bad data.
+
+    update(batch) returns whether the batch has anything to train on; it raises
+    TooManyBadSamples once at least `min_samples` were seen and the skipped fraction is above
+    `max_fraction`. end_epoch() checks the whole epoch, returns a summary line and resets.
+    `reduce(seen, skipped) -> (seen, skipped)` sums the counts over ranks at the end of an
+    epoch (an all-reduce), so that every rank reports and decides on the same numbers.
+    """
+
+    def __init__(self, max_fraction=0.05, min_samples=256, reduce=None):
+        self.max_fraction, self.min_samples, self.reduce = max_fraction, min_samples, reduce
+        self.seen = self.skipped = 0
+
+    def _check(self):
+        if self.seen and self.skipped > self.max_fraction * self.seen:
+            raise TooManyBadSamples(
+                f"{self.skipped} of {self.seen} samples ({self.skipped / self.seen:.1%}) could "
+                f"not be read this epoch, above the allowed {self.max_fraction:.1%}; fix the "
+                f"data (the warnings name each file) or raise --max-skip-fraction")
+
+    def update(self, batch):
+        self.seen += batch["num_samples"]
+        self.skipped += batch["num_skipped"]
+        if self.seen >= self.min_samples:
+            self._check()
+        return "images" in batch
+
+    def end_epoch(self):
+        if self.reduce is not None:
+            self.seen, self.skipped = (int(n) for n in self.reduce(self.seen, self.skipped))
+        self._check()
+        line = f"skipped {self.skipped} of {self.seen} samples"
+        self.seen = self.skipped = 0
+        return line
+
+
+def sum_over_ranks(env):
+    """A SkipTracker `reduce`: the (seen, skipped) counts summed over all ranks."""
+    def reduce(seen, skipped):
+        mean = all_reduce_mean({"seen": seen, "skipped": skipped}, env)
+        return round(mean["seen"] * env.world_size), round(mean["skipped"] * env.world_size)
+    return reduce
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class LossWindow:
+    """Mean losses over the steps since the last read (reduced over ranks when read)."""
+
+    def __init__(self):
+        self.sums, self.n = {}, 0
+
+    def add(self, losses):
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.n += 1
+
+    def read(self, env):
+        means = all_reduce_mean({k: v / max(1, self.n) for k, v in self.sums.items()}, env)
+        self.sums, self.n = {}, 0
+        return means
+
+
+def next_micro_batches(stream, count):
+    """The next `count` micro-batches and the epochs that the last of them completed."""
+    micro, ended = [], []
+    for _ in range(count):
+        epoch = stream.epoch
+        micro.append(next(stream))
+        if stream.batch_in_epoch == stream.sampler.batches_per_epoch():
+            ended.append(epoch)
+    return micro, ended
+
+
+def train_loop(run, env, wrapped, *, steps, loss_fn, to_device, save, after_step,
+               format_losses, script, after_update=None):
+    """Optimise `wrapped` (the objective, DDP-wrapped under torchrun) until `steps`.
+
+    `run` holds the state a checkpoint saves (args, model, optimizer, scheduler, scaler,
+    stream, step, first/last losses). Each step accumulates --accum-steps micro-batches; a
+    step whose loss is not finite is skipped (NonFiniteGuard). Hooks: `after_update(run)`
+    after each applied update (the fine stage's EMA), `after_step(run, env, window, meter)`
+    for logging, periodic checkpoints and evaluation, `save(run, env, keep_copy=...)`.
+    Returns a summary dict; on SIGINT/SIGTERM it checkpoints and returns status "stopped".
+    """
+    args = run.args
+    stop, guard = StopSignal().install(), NonFiniteGuard(args.max_nonfinite_steps)
+    skips = SkipTracker(max_fraction=args.max_skip_fraction, reduce=sum_over_ranks(env))
+    window, meter, skipped = LossWindow(), Throughput(), 0
+    bar = progress_bar(steps, run.step, env)
+    try:
+        while run.step < steps:
+            micro, epochs_ended = next_micro_batches(run.stream, args.accum_steps)
+            for b in micro:
+                skips.update(b)
+                skipped += b["num_skipped"]
+            micro = [to_device(b, env.device) for b in micro]
+            result = train_step(wrapped, micro, loss_fn, optimizer=run.optimizer,
+                                scheduler=run.scheduler, scaler=run.scaler, env=env,
+                                amp=args.amp, grad_clip=args.grad_clip)
+            run.step += 1
+            guard.update(result, run.step)
+            if not result.nonfinite:
+                window.add(result.losses)
+                if after_update is not None:
+                    after_update(run)
+            meter.update(sum(b["num_samples"] for b in micro) * env.world_size)
+            bar.update(1)
+            bar.set_postfix_str(format_losses(result.losses))
+            after_step(run, env, window, meter)
+            for epoch in epochs_ended:
+                # every rank ends the same epochs (equal shards), so the all-reduce matches
+                log(f"epoch {epoch}: {skips.end_epoch()}")
+            (stop_now,) = any_rank([stop.requested], env)
+            if stop_now:
+                path = save(run, env, keep_copy=False)
+                log(f"stopped by {stop.name or 'a signal on another rank'} after step "
+                    f"{run.step}/{steps}; checkpoint {path}. Resume with: python {script} "
+                    f"<same flags> --out {args.out} --resume auto")
+                return {"status": "stopped", "step": run.step, "checkpoint": str(path)}
+    finally:
+        bar.close()
+        stop.uninstall()
+    path = save(run, env, keep_copy=True)
+    last = window.read(env) if window.n else run.last_losses
+    total_skipped = round(all_reduce_mean({"s": skipped}, env)["s"] * env.world_size)
+    return {"status": "done", "step": run.step, "checkpoint": str(path),
+            "first": run.first_losses, "last": last, "skipped_samples": total_skipped,
+            "skipped_steps": guard.total, "overflow_steps": guard.overflows}
+
+
+def read_losses(run, env, window):
+    """The logging window's mean losses; the first window is kept for the end-of-run report."""
+    losses = window.read(env)
+    run.last_losses = losses
+    if not run.first_losses:  # {} when every step of the first window was skipped
+        run.first_losses = losses
+    return losses
+
+
+def run_main(args, train, report, *, errors=()):
+    """Join the process group, train, report; a known failure becomes a one-line error and
+    exit status 1 on every rank (never a hang, never a traceback for bad data)."""
+    t0 = time.time()
+    env = setup_distributed(timeout_s=args.dist_timeout)
+    try:
+        summary = train(args, env)
+        if summary["status"] == "done":
+            report(summary, time.time() - t0)
+        return 0
+    except (DivergenceError, TooManyBadSamples, CheckpointError, *errors) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as err:
+        if not (env.distributed and is_dist_failure(err)):
+            raise
+        print(explain_dist_failure(env, err), file=sys.stderr, flush=True)
+        return 1
+    finally:
+        cleanup_distributed()

@@ -21,6 +21,18 @@ sys.path.insert(0, str(FIXTURES))  # make_weights.py / make_weights_fine.py: the
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def one_thread():
+    """Run in-process training with one torch thread, as the scripts started as subprocesses
+    run (OMP_NUM_THREADS=1): bit-exact comparisons need the same thread count, since a sum
+    split over two threads rounds differently; and on a busy 2-core machine one thread per run
+    is faster than two fighting for the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def need_shared():
     """Skip a test that needs the fixtures when `../shared` is absent (users' clones)."""
     if not FIXTURES.is_dir():

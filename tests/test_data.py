@@ -1,4 +1,5 @@
-"""Tests of data.py: tokenizer, image loading, transforms, MLM masking, datasets, collator."""
+"""Tests of data.py and images.py: tokenizer, image loading, transforms, MLM masking, datasets,
+collator."""
 import json
 import logging
 import struct
@@ -10,10 +11,12 @@ import torch
 from PIL import Image, ImageFile
 
 import data
+import images
 from conftest import DATA, FIXTURES, need_shared
-from data import (AnnotationError, BadSample, ImageLoadError, ImageTransform, PretrainCollator,
-                  SkipTracker, TooManyBadSamples, build_pretrain_dataset, load_image,
-                  load_tokenizer, mask_tokens, swap_left_right)
+from data import (AnnotationError, PretrainCollator, build_pretrain_dataset, load_tokenizer,
+                  mask_tokens)
+from images import BadSample, ImageLoadError, ImageTransform, load_image, swap_left_right
+from training import SkipTracker, TooManyBadSamples
 
 
 @pytest.fixture(scope="module")
@@ -227,7 +230,7 @@ def test_train_transform_is_a_function_of_its_generator():
     image, caption = noise(96, 80), "a red circle left of a blue star"
     transform = ImageTransform(size=48, train=True)
     rng_before = torch.get_rng_state()
-    runs = [transform(image, caption, data.sample_generator(0, 0, k % 2, 0)) for k in range(3)]
+    runs = [transform(image, caption, images.sample_generator(0, 0, k % 2, 0)) for k in range(3)]
     assert torch.equal(torch.get_rng_state(), rng_before)  # global RNG untouched
     assert torch.equal(runs[0][0], runs[2][0]) and runs[0][1] == runs[2][1]
     assert not torch.equal(runs[0][0], runs[1][0])
@@ -246,7 +249,7 @@ def test_flip_mirrors_image_and_caption():
 def test_random_crop_covers_half_to_all_of_the_area():
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        left, top, right, bottom = data.random_resized_crop_box(200, 120, (0.5, 1.0), g)
+        left, top, right, bottom = images.random_resized_crop_box(200, 120, (0.5, 1.0), g)
         w, h = right - left, bottom - top
         assert 0 <= left < right <= 200 and 0 <= top < bottom <= 120
         assert 0.48 <= w * h / (200 * 120) <= 1.0  # 0.5 up to pixel rounding
@@ -257,15 +260,15 @@ def test_train_crop_is_a_crop_then_a_bicubic_resize():
     image = noise(90, 60)
     crop = ImageTransform(size=32, train=True, flip_prob=0.0, randaug_ops=0)
     x, _ = crop(image, "", torch.Generator().manual_seed(7))
-    box = data.random_resized_crop_box(90, 60, (0.5, 1.0), torch.Generator().manual_seed(7))
+    box = images.random_resized_crop_box(90, 60, (0.5, 1.0), torch.Generator().manual_seed(7))
     assert box != (0, 0, 90, 60)
     assert torch.equal(x, ImageTransform(size=32)(image.crop(box))[0])
 
 
-@pytest.mark.parametrize("name", sorted(data.RANDAUG_OPS))
+@pytest.mark.parametrize("name", sorted(images.RANDAUG_OPS))
 def test_each_randaugment_op(name):
     image = Image.fromarray(np.asarray(noise(32, 32)) // 2 + 60)  # low contrast: 60..187
-    out = data.RANDAUG_OPS[name](image, 0.7, -1)
+    out = images.RANDAUG_OPS[name](image, 0.7, -1)
     assert out.mode == "RGB" and out.size == (32, 32)
     assert (out.tobytes() == image.tobytes()) == (name == "Identity")
     if name == "Rotate":  # corners come in from outside the image: filled with grey

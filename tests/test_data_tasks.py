@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import DATA, need_shared
-from data import AnnotationError, ImageTransform, load_tokenizer
+from data import AnnotationError, load_tokenizer
+from images import ImageTransform
 from data_tasks import (AnswerVocab, load_caption_corpus, load_coco_caption_corpus,
                         load_karpathy, load_nlvr2, load_vqa, parse_source, synthetic_corpus,
                         synthetic_nlvr2, synthetic_vqa, vqa_target)

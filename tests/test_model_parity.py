@@ -72,7 +72,6 @@ def test_pretrain_fused_itc_itm_mlm(pretrain):
 @torch.no_grad()
 def test_pretrain_itm_four_pairs(pretrain):
     model, inp, out = pretrain
-    fb = model.backbone
     pairs = [(0, 0), (1, 1), (1, 0), (0, 1)]  # (image, text): pos0, pos1, img1+txt0, img0+txt1
     images = inp["image"][[i for i, _ in pairs]]
     ids = inp["text_ids"][[t for _, t in pairs]]

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-import data
+import images
 import train_coarse as tc
 import training as T
 from conftest import REPO
-from data import (AnnotationError, ImageLoadError, PretrainCollator, build_pretrain_dataset,
-                  load_image, load_tokenizer)
+from data import AnnotationError, PretrainCollator, build_pretrain_dataset, load_tokenizer
+from images import ImageLoadError, load_image
 from heads import PretrainObjective
 from model import Fiber, FiberConfig
 
@@ -36,13 +36,8 @@ RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--que
        "--log-every", "1", "--no-eval", "--save-every", "0"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: one thread per run is faster than two fighting for busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, as the subprocesses get (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +149,7 @@ def write_jsonl(path, lines):
 
 def pixel(image, probe):
     """RGB 0..255 of a (3,S,S) normalised tensor at a relative (x, y) position."""
-    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    mean, std = torch.tensor(images.IMAGENET_MEAN), torch.tensor(images.IMAGENET_STD)
     x, y = (int(probe[0] * (S - 1)), int(probe[1] * (S - 1)))
     return (image[:, y, x] * std + mean) * 255
 

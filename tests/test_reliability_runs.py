@@ -37,13 +37,8 @@ RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--que
        "--log-every", "1", "--no-eval", "--max-skip-fraction", "0.25"]  # 1 of 8 images is bad
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: one thread per run is faster than two fighting for busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, as the subprocesses get (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(folder, name, images):

@@ -11,7 +11,8 @@ import pytest
 
 import synthetic
 from conftest import REPO
-from data import build_pretrain_dataset, load_tokenizer, swap_left_right
+from data import build_pretrain_dataset, load_tokenizer
+from images import swap_left_right
 from synthetic import ANSWERS, BACKGROUNDS, COLORS, SHAPES, SyntheticWorld, WorldConfig
 
 WORLD = SyntheticWorld(seed=0)

@@ -22,13 +22,8 @@ SMALL = ["--batch-size", "4", "--max-text-len", "24", "--queue-size", "16", "--l
          "--no-eval"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine is shared: one thread per run is faster than two fighting for busy cores.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, as the subprocesses get (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(tmp_path, name, *flags):

@@ -23,14 +23,8 @@ SMALL = ["--batch-size", "2", "--train-sizes", "64", "--min-size", "64", "--max-
          "--warmup", "2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Bit-exact comparisons need the same thread count everywhere: the scripts started as
-    # subprocesses run with OMP_NUM_THREADS=1, and a sum split over 2 threads rounds differently.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# One torch thread, as the subprocesses get (see conftest.one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_main(tmp_path, name, *flags):
