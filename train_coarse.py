@@ -114,12 +114,7 @@ def build_parser():
         help="held-out retrieval evaluation every N steps (0: only before and after training)")
     add("--no-eval", action="store_true", help="skip every evaluation (quick runs, tests)")
     add("--log-every", type=int, help="log a line every N steps (preset: tiny 20, base 50)")
-    add("--max-skip-fraction", type=float, default=0.05,
-        help="stop when more than this fraction of an epoch's samples could not be read")
-    add("--max-nonfinite-steps", type=int, default=10,
-        help="stop after this many consecutive steps with a NaN/inf loss")
-    add("--dist-timeout", type=float, default=600.0,
-        help="seconds a rank waits for the others in a collective before giving up")
+    T.add_guard_flags(p)
     return p
 
 

@@ -103,12 +103,7 @@ def build_parser():
     add("--eval-scenes", type=int, default=100, help="held-out synthetic scenes to evaluate")
     add("--no-eval", action="store_true", help="skip every evaluation")
     add("--log-every", type=int, help="log a line every N steps")
-    add("--max-skip-fraction", type=float, default=0.05,
-        help="stop when more than this fraction of the samples could not be read")
-    add("--max-nonfinite-steps", type=int, default=10,
-        help="stop after this many consecutive steps with a NaN/inf loss")
-    add("--dist-timeout", type=float, default=600.0,
-        help="seconds a rank waits for the others in a collective before giving up")
+    T.add_guard_flags(p)
     return p
 
 

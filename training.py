@@ -415,6 +415,18 @@ class SkipTracker:
         return line
 
 
+def add_guard_flags(parser):
+    """The flags of train_loop's guards, the same in both training scripts."""
+    parser.add_argument(
+        "--max-skip-fraction", type=float, default=0.05,
+        help="stop when more than this fraction of an epoch's samples could not be read")
+    parser.add_argument("--max-nonfinite-steps", type=int, default=10,
+                        help="stop after this many consecutive steps with a NaN/inf loss")
+    parser.add_argument(
+        "--dist-timeout", type=float, default=600.0,
+        help="seconds a rank waits for the others in a collective before giving up")
+
+
 def sum_over_ranks(env):
     """A SkipTracker `reduce`: the (seen, skipped) counts summed over all ranks."""
     def reduce(seen, skipped):

@@ -33,6 +33,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def assert_same_training_state(a, b, tensor_dicts):
+    """Two training checkpoints hold bit-identical tensors in each of `tensor_dicts`, optimizer
+    moments and step counts, and the same scheduler state, data position and step."""
+    for key in tensor_dicts:
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(pa[name], pb[name]), f"optimizer {name} differs"
+    assert a["scheduler"] == b["scheduler"] and a["data"] == b["data"] and a["step"] == b["step"]
+
+
 def need_shared():
     """Skip a test that needs the fixtures when `../shared` is absent (users' clones)."""
     if not FIXTURES.is_dir():

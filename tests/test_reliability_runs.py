@@ -30,7 +30,7 @@ import checkpoints as ck
 import data
 import train_coarse as tc
 import training as T
-from conftest import REPO
+from conftest import REPO, assert_same_training_state
 from heads import PretrainObjective
 
 RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--queue-size", "8",
@@ -89,14 +89,7 @@ def load(path):
 
 def same_training_state(a, b):
     """Model, ITC queue, optimizer moments, schedule and data position are bit-identical."""
-    for key in ("model", "objective"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"])
-        assert torch.equal(pa["exp_avg_sq"], pb["exp_avg_sq"])
-    assert a["scheduler"] == b["scheduler"] and a["data"] == b["data"] and a["step"] == b["step"]
+    assert_same_training_state(a, b, ("model", "objective"))
 
 
 def same_model(a, b):

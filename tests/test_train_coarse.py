@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_coarse as tc
-from conftest import REPO
+from conftest import REPO, assert_same_training_state
 from loading import ours_to_original
 from model import Fiber, FiberConfig
 
@@ -33,15 +33,8 @@ def run_main(tmp_path, name, *flags):
 
 
 def same_training_state(a, b):
-    """Model, optimizer moments, ITC queue and schedule are bit-identical."""
-    for key in ("model", "objective"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["step"], pb["step"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
-    assert a["data"] == b["data"]
+    """Model, optimizer moments, ITC queue, schedule and data position are bit-identical."""
+    assert_same_training_state(a, b, ("model", "objective"))
 
 
 def test_help_explains_every_flag():

@@ -16,7 +16,7 @@ from PIL import Image
 
 import train_fine as tf
 import training as T
-from conftest import REPO
+from conftest import REPO, assert_same_training_state
 
 SMALL = ["--batch-size", "2", "--train-sizes", "64", "--min-size", "64", "--max-size", "64",
          "--synthetic-scenes", "16", "--log-every", "1", "--no-eval", "--ema", "0.9",
@@ -34,14 +34,7 @@ def run_main(tmp_path, name, *flags):
 
 def same_training_state(a, b):
     """Model, EMA, optimizer moments, schedule and data position are bit-identical."""
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
-    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
-        assert torch.equal(pa["exp_avg"], pb["exp_avg"]) and torch.equal(pa["step"], pb["step"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"]
-    assert a["data"] == b["data"]
+    assert_same_training_state(a, b, ("model", "ema"))
 
 
 def test_help_explains_every_flag():
