@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from heads import PretrainObjective, naive_pretrain_losses
 from model import Fiber, FiberConfig
+from training import adamw
 
 
 def parse_args(argv=None):
@@ -47,7 +48,12 @@ def parse_args(argv=None):
                    help="step: compute the losses the original's way (full forward of both "
                         "backbones for ITC, MLM and each ITM pair), the baseline of the "
                         "shared-lower-backbone lever")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.grad_checkpointing and args.fixtures and args.mode == "step":
+        # blocks recompute only in train mode, and --fixtures runs eval mode (no dropout) so
+        # that the losses can be compared with the golden ones
+        p.error("--grad-checkpointing has no effect with --fixtures; drop one of them")
+    return args
 
 
 def matmul_rate(device, dtype, n=2048, repeats=5):
@@ -176,7 +182,7 @@ def main(argv=None):
         objective = PretrainObjective(model).to(device).train()
         if args.fixtures:  # the goldens are eval-mode numbers: no dropout, no drop path
             model.eval()
-        optimizer = torch.optim.AdamW(model.parameter_groups(lr=1e-5), betas=(0.9, 0.98))
+        optimizer = adamw(model.parameter_groups(lr=1e-5), betas=(0.9, 0.98))
 
         def work():
             if args.naive:

@@ -310,7 +310,7 @@ def build_optimizer(model, args, steps):
                                     lr_mult_cross=args.lr_mult_cross)
     for g in groups:
         g.pop("names", None)  # names are for reading, not for the optimizer's state_dict
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
+    optimizer = T.adamw(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-8)
     warmup = T.warmup_steps_from(args.warmup, steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, T.linear_warmup_decay(steps, warmup))
     return optimizer, scheduler

@@ -197,7 +197,7 @@ def build_optimizer(model, args):
     groups = model.parameter_groups(args.lr, lang_lr=args.lang_lr, weight_decay=args.weight_decay)
     for g in groups:
         g.pop("names")  # for reading only; the optimizer's state_dict stays plain
-    optimizer = torch.optim.AdamW(groups, lr=args.lr)
+    optimizer = T.adamw(groups, lr=args.lr)
     milestones = [round(f * args.steps) for f in args.milestones]
     schedule = T.warmup_multistep(milestones, gamma=args.gamma, warmup_steps=args.warmup,
                                   warmup_factor=0.001)

@@ -207,6 +207,15 @@ def autocast(device, amp):
     return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[amp])
 
 
+def adamw(groups, **options):
+    """torch's fused AdamW (one kernel for all parameters: faster, and fewer temporaries than
+    the default for-each version) where this build supports it, else the default one."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **options)
+
+
 def make_grad_scaler(device, amp):
     """A GradScaler, enabled only for fp16 (bf16 has fp32's range and needs no scaling)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
