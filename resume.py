@@ -235,6 +235,21 @@ def resume_path(args):
     return None
 
 
+def resume(run, env, *, ignore_args, restore_own):
+    """Load --resume into the run, if there is one; returns whether it did. The checkpoint
+    must be a training one written with the same settings (flags in `ignore_args` may differ);
+    `restore_own(state, path)` restores the script's own entries (ITC queue, EMA weights)."""
+    path = resume_path(run.args)
+    if path is None:
+        return False
+    state = load_checkpoint(path, require=TRAINING_KEYS)
+    check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
+                            ignore_args=ignore_args)
+    restore_own(state, path)
+    restore_run(run, state, env, path)
+    return True
+
+
 def restore_run(run, state, env, path):
     """Load the shared entries of `state` into the run; the RNG states come last."""
     run.model.load_state_dict(state["model"])

@@ -365,16 +365,10 @@ def save(run, env, *, keep_copy):
 
 
 def maybe_resume(run, env):
-    """Load --resume into the run; returns whether it did."""
-    path = T.resume_path(run.args)
-    if path is None:
-        return False
-    state = T.load_checkpoint(path, require=T.TRAINING_KEYS)
-    T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
-                              ignore_args=RESUME_MAY_CHANGE)
-    load_objective_buffers(run.objective, state["objective"], path)
-    T.restore_run(run, state, env, path)
-    return True
+    """Load --resume into the run (model, optimiser, data position, RNG, ITC queue)."""
+    def restore_queue(state, path):
+        load_objective_buffers(run.objective, state["objective"], path)
+    return T.resume(run, env, ignore_args=RESUME_MAY_CHANGE, restore_own=restore_queue)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,17 +296,11 @@ def save(run, env, *, keep_copy):
 
 
 def maybe_resume(run, env):
-    """Load --resume into the run; returns whether it did."""
-    path = T.resume_path(run.args)
-    if path is None:
-        return False
-    state = T.load_checkpoint(path, require=T.TRAINING_KEYS)
-    T.check_resume_compatible(state, path, config=run.config.to_dict(), args=vars(run.args),
-                              ignore_args=RESUME_MAY_CHANGE)
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
-    T.restore_run(run, state, env, path)
-    return True
+    """Load --resume into the run (model, EMA, optimiser, data position, RNG)."""
+    def restore_ema(state, _path):
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
+    return T.resume(run, env, ignore_args=RESUME_MAY_CHANGE, restore_own=restore_ema)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ from distributed import (DistEnv, all_reduce_mean, any_rank, cleanup_distributed
 from resume import (TRAINING_KEYS, CheckpointError, capture_rng_state,  # noqa: F401
                     check_resume_compatible, checkpoint_paths, config_differences,
                     gather_rng_states, load_checkpoint, restore_rank_rng_state,
-                    restore_rng_state, restore_run, resume_path, run_state, save_checkpoint,
-                    save_run, save_training_checkpoint, seed_everything)
+                    restore_rng_state, restore_run, resume, resume_path, run_state,
+                    save_checkpoint, save_run, save_training_checkpoint, seed_everything)
 
 
 # ---------------------------------------------------------------------------------------------
