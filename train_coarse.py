@@ -36,6 +36,7 @@ from model import Fiber, FiberConfig
 from tasks import TASK_HEADS, build_task, save_task_files
 from tasks import TASKS as FINETUNE_TASKS
 from task_datasets import vqa_vocab_for
+from scratch import fan_in_init, warm_up_image_backbone
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
@@ -44,11 +45,14 @@ PRESETS = {
     # weights move so fast that the cheapest way to beat those stale negatives is to push
     # every new feature the same way; with a 64-entry queue ITC collapsed (all features
     # equal, loss ln(80)) within 200 steps at every lr tried, without it it learns.
+    # Its towers start from fan-in initialisation and a short image warm-up (scratch.py), the
+    # stand-ins for the pre-trained Swin and RoBERTa that FIBER starts from.
     "tiny": dict(image_size=64, batch_size=16, steps=600, lr=3e-4, queue_size=0,
-                 save_every=200, log_every=20, text_init="fan_in"),
+                 save_every=200, log_every=20, scratch_init="fan_in", image_warmup_steps=300),
     # The paper's pre-training: lr 1e-5, 100k steps of 4096 samples (e.g. 8 GPUs x 32 x 16).
     "base": dict(image_size=384, batch_size=32, steps=100_000, lr=1e-5, queue_size=4096,
-                 save_every=2000, log_every=50, text_init="bert"),
+                 save_every=2000, log_every=50, scratch_init="original",
+                 image_warmup_steps=0),
 }
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every", "no_eval",
@@ -102,10 +106,16 @@ def build_parser():
     add("--out", default="runs/coarse", help="folder for checkpoints (last.pt, step_*.pt)")
     add("--save-every", type=int, help="checkpoint every N steps (preset: tiny 200, base 2000)")
     add("--resume", help="'auto' (out/last.pt when it exists) or a checkpoint path")
-    add("--text-init", choices=("bert", "fan_in"),
-        help="initial text-tower weights when training from scratch: BERT's normal(0, 0.02) "
-             "or normal(0, 1/sqrt(fan_in)), which a small model needs to learn ITC at all "
-             "(preset: tiny fan_in, base bert)")
+    add("--scratch-init", choices=("original", "fan_in"),
+        help="how the linear weights of the towers and cross-modal maps are drawn: as the "
+             "original (normal(0, 0.02), made for loading pre-trained backbones) or "
+             "normal(0, 1/sqrt(fan_in)), which a small model trained from nothing needs to "
+             "learn ITC at all (preset: tiny fan_in, base original); --init overwrites them")
+    add("--image-warmup-steps", type=int,
+        help="before training from scratch, train the Swin this many steps to classify "
+             "synthetic scenes (colours, shapes, sizes, background, count): the tiny preset's "
+             "stand-in for ImageNet pre-training, without which alignment stalls; skipped with "
+             "--init and on resume (preset: tiny 300, base 0)")
     add("--init", nargs="+", metavar="PATH",
         help="start from weights: a FIBER checkpoint (original key names, e.g. a released "
              ".ckpt, or one of this project's: an export or a run's last.pt), or Swin and/or "
@@ -235,26 +245,18 @@ def build_model(args):
     config = make(image_size=args.image_size, max_text_len=args.max_text_len,
                   heads=TASKS[args.task].heads, **extra)
     model = Fiber(config)
-    if args.text_init == "fan_in":
-        scratch_text_init(model)
+    if args.scratch_init == "fan_in":
+        scratch_init(model)
     if args.init:
         init_weights(model, args.init)
     return model, config
 
 
-def scratch_text_init(model):
-    """Re-draw the text tower's linear weights from normal(0, 1/sqrt(fan_in)).
-
-    RoBERTa's normal(0, 0.02) suits its 768-wide layers, which FIBER always loads from
-    roberta-base. In the 128-wide tiny model trained from nothing it leaves the <s> token
-    (what ITC and ITM pool) carrying ~1% of the caption: attention is uniform and the
-    value/output maps shrink everything else; ITC then settles at its trivial minimum (every
-    caption alike) and cannot even fit one batch. At 1/sqrt(fan_in) the caption shows in <s>
-    from the first step and ITC learns. Weights given by --init overwrite these.
-    """
-    for name, module in model.backbone.text.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            torch.nn.init.normal_(module.weight, std=module.in_features ** -0.5)
+def scratch_init(model):
+    """--scratch-init fan_in (see scratch.py): both towers with their cross-attention, and the
+    cross-modal maps and poolers; the task heads keep their own initialisation."""
+    fan_in_init(model.backbone, *(module for name, module in model.named_children()
+                                  if name.startswith("cross_modal_")))
 
 
 def init_weights(model, sources):
@@ -413,6 +415,7 @@ def train(args, env):
 
     before = {}
     if not maybe_resume(run, env):
+        warm_up_from_scratch(model, args, env)
         T.seed_everything(args.seed + env.rank)  # dropout and negatives differ across ranks
         before = task.evaluate(model, args, tokenizer, env)
         if before:
@@ -433,6 +436,19 @@ def train(args, env):
         after = task.evaluate(model, args, tokenizer, env)
         summary.update(before=before, after=after, task=args.task)
     return summary
+
+
+def warm_up_from_scratch(model, args, env):
+    """--image-warmup-steps: the Swin learns to see the synthetic scenes before alignment.
+    Every rank computes the same weights (the warm-up draws from --seed only)."""
+    if not args.image_warmup_steps:
+        return
+    if args.init:
+        T.log("image warm-up skipped: the weights come from --init")
+        return
+    warm_up_image_backbone(model.backbone.swin, steps=args.image_warmup_steps,
+                           image_size=args.image_size, batch_size=args.batch_size,
+                           seed=args.seed, device=env.device, log=T.log)
 
 
 def loop(run, env, wrapped, task, steps, dataset):

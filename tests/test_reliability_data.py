@@ -33,7 +33,7 @@ from model import Fiber, FiberConfig
 S = 16  # output side of the eval transform in the in-process tests
 # A short run of the tiny model: 32 px images, 4 samples per step, 16-token captions.
 RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--queue-size", "8",
-       "--log-every", "1", "--no-eval", "--save-every", "0"]
+       "--log-every", "1", "--no-eval", "--save-every", "0", "--image-warmup-steps", "0"]
 
 
 # One torch thread, as the subprocesses get (see conftest.one_thread).

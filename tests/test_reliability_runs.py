@@ -34,7 +34,8 @@ from conftest import REPO, assert_same_training_state
 from heads import PretrainObjective
 
 RUN = ["--image-size", "32", "--batch-size", "4", "--max-text-len", "16", "--queue-size", "8",
-       "--log-every", "1", "--no-eval", "--max-skip-fraction", "0.25"]  # 1 of 8 images is bad
+       "--log-every", "1", "--no-eval", "--max-skip-fraction", "0.25",  # 1 of 8 images is bad
+       "--image-warmup-steps", "0"]
 
 
 # One torch thread, as the subprocesses get (see conftest.one_thread).

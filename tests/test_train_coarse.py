@@ -19,7 +19,7 @@ from loading import ours_to_original
 from model import Fiber, FiberConfig
 
 SMALL = ["--batch-size", "4", "--max-text-len", "24", "--queue-size", "16", "--log-every", "1",
-         "--no-eval"]
+         "--no-eval", "--image-warmup-steps", "0"]
 
 
 # One torch thread, as the subprocesses get (see conftest.one_thread).
@@ -174,9 +174,13 @@ def test_torchrun_two_ranks_keep_identical_parameters(tmp_path):
 
 
 
-def test_text_init_presets():
-    def text_std(flags):
+def test_scratch_init_presets():
+    def stds(flags):
         model, _ = tc.build_model(tc.parse_args([*SMALL, *flags]))
-        return model.backbone.text.encoder.layer[0].attention.self.query.weight.std().item()
-    assert text_std([]) == pytest.approx(128 ** -0.5, rel=0.05)  # tiny: normal(0, 1/sqrt(128))
-    assert text_std(["--text-init", "bert"]) == pytest.approx(0.02, rel=0.05)
+        text = model.backbone.text.encoder.layer[0].attention.self.query.weight
+        swin = model.backbone.swin.layers[0].blocks[0].attn.qkv.weight  # 32 inputs
+        return text.std().item(), swin.std().item()
+    text, swin = stds([])  # tiny: normal(0, 1/sqrt(fan_in))
+    assert text == pytest.approx(128 ** -0.5, rel=0.05) and swin == pytest.approx(32 ** -0.5, rel=0.1)
+    text, swin = stds(["--scratch-init", "original"])
+    assert text == pytest.approx(0.02, rel=0.05) and swin == pytest.approx(0.02, rel=0.1)
