@@ -273,22 +273,24 @@ def test_each_task_runs_on_the_real_samples(task, tmp_path):
 # that need no image are computed alongside, so that each assertion says what was learned
 # beyond them.
 
-NLVR2_STEPS, RETRIEVAL_STEPS = 200, 200
+CAPTION_STEPS, NLVR2_STEPS, RETRIEVAL_STEPS = 200, 400, 200
 RUN_WORLD = SyntheticWorld(seed=0, config=WorldConfig(num_train=2000, num_val=100, num_test=10))
 
 
 @functools.lru_cache(maxsize=None)
 def warm_swin_state():
-    """The warmed-up tiny Swin, computed once for every short run (the same for each task)."""
-    torch.manual_seed(0)
-    swin = tiny("irtr").backbone.swin
-    fan_in_init(swin)
-    warm_up_image_backbone(swin, steps=300, image_size=64, batch_size=16, seed=0,
-                           scenes=RUN_WORLD.split_range("train"), log=lambda line: None)
+    """The warmed-up tiny Swin, computed once for every short run (the same for each task);
+    the global RNG is left as it was, so a run does not depend on which test ran first."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        swin = tiny("irtr").backbone.swin
+        fan_in_init(swin)
+        warm_up_image_backbone(swin, steps=300, image_size=64, batch_size=16, seed=0,
+                               scenes=RUN_WORLD.split_range("train"), log=lambda line: None)
     return {k: v.clone() for k, v in swin.state_dict().items()}
 
 
-def short_run(task, steps, *, batch_size=16, lr=1e-3, head=10.0, items=None, **options):
+def short_run(task, steps, *, batch_size=16, lr=3e-4, head=10.0, items=None, **options):
     """Train a fresh tiny model on `task` with AdamW (10-step warm-up, then constant lr);
     items: train only on these dataset indices (a memorisation check)."""
     model = tiny(task)
@@ -326,13 +328,13 @@ def test_vqa_short_run_learns_well_above_chance():
     constant_score = 100.0 * sum(r.answers[0] == constant for r in records) / len(records)
     print(f"VQA after 220 steps: {result['vqa_score']:.1f} | random answer {uniform:.1f} | "
           f"always '{constant}' {constant_score:.1f}")
-    # measured 37.0 (random 4.5, the most common answer 17.5): the image is being used
+    # measured 31.0 (random 4.5, the most common answer 17.5): the image is being used
     assert result["vqa_score"] > constant_score + 10
 
 
 @pytest.mark.slow
 def test_caption_short_run_describes_its_own_image(tmp_path):
-    model, parts = short_run("caption", 120, beam_size=1)
+    model, parts = short_run("caption", CAPTION_STEPS, beam_size=1)
     result = parts.evaluate(model, limit=50, out_dir=tmp_path, progress=False)
     said = {r["image_id"]: r["caption"]
             for r in json.loads((tmp_path / "captions.json").read_text())}
@@ -340,9 +342,10 @@ def test_caption_short_run_describes_its_own_image(tmp_path):
     # chance: the same captions scored against another image's references
     others = {i: refs[ids[(k + 1) % len(ids)]] for k, i in enumerate(ids)}
     chance = 100 * cider_d(said, others)[0]
-    print(f"captioning after 120 steps: CIDEr-D {result['cider']:.1f} (another image's "
+    print(f"captioning after {CAPTION_STEPS} steps: CIDEr-D {result['cider']:.1f} (another image's "
           f"references: {chance:.1f}), BLEU-4 {result['bleu4']:.1f}, "
           f"{len(set(said.values()))} distinct captions for {len(said)} images")
+    # measured 77.5 against 45.4
     assert result["cider"] > chance + 10
 
 
@@ -352,9 +355,10 @@ def test_nlvr2_short_run_beats_chance_on_held_out_pairs():
     labels = [r.label for r in parts.eval_dataset.records[:200]]
     majority = 100.0 * max(labels.count(True), labels.count(False)) / len(labels)
     result = parts.evaluate(model, limit=200, progress=False)
-    print(f"NLVR2 after {NLVR2_STEPS} steps: {result['nlvr2_acc']:.1f}% on 200 held-out "
-          f"statements (always the majority label: {majority:.1f}%)")
-    assert result["nlvr2_acc"] > majority + 10
+    print(f"NLVR2 after {NLVR2_STEPS} steps: {result['accuracy']:.1f}% on {result['examples']} "
+          f"held-out statements (always the majority label: {majority:.1f}%)")
+    # measured 69.0 against 50.0 (at 200 steps it was 54-66 depending on the seed)
+    assert result["accuracy"] > majority + 10
 
 
 @pytest.mark.slow
@@ -365,4 +369,5 @@ def test_retrieval_short_run_beats_chance_on_held_out_scenes():
     print(f"retrieval after {RETRIEVAL_STEPS} steps on {result['images']} held-out images and "
           f"{result['texts']} captions: ITC R@1 text->image {result['itc_t2i_r1']:.1f}, "
           f"image->text {result['itc_i2t_r1']:.1f} (chance {chance:.1f})")
+    # measured 44.1 / 46.0 against a chance of 1.0 (3 / 3 before the image warm-up existed)
     assert min(result["itc_t2i_r1"], result["itc_i2t_r1"]) > 10 * chance
