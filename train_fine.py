@@ -33,16 +33,20 @@ from data import AnnotationError, load_tokenizer
 from data_fine import FineCollator, build_fine_dataset
 from detector import FiberDetector, FiberDetectorConfig, detector_kind, pick_weights
 from eval_fine import synthetic_metrics
+from scratch import fan_in_init, warm_up_image_backbone
 from synthetic import SyntheticWorld, WorldConfig
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
+    # From scratch, with the Swin warmed up first (scratch.py: a stand-in for ImageNet).
     "tiny": dict(batch_size=8, steps=600, lr=1e-3, lang_lr=None, weight_decay=0.01,
-                 warmup=40, grad_clip=1.0, save_every=100, log_every=10),
+                 warmup=40, grad_clip=1.0, save_every=100, log_every=10,
+                 image_warmup_steps=300),
     # COCO fine-tuning of the released model: lr 1e-5 for both parts, wd 1e-4, no clipping,
     # 24 epochs of 32 images (e.g. 8 GPUs x 2 x 2 accumulation).
     "base": dict(batch_size=2, steps=90_000, lr=1e-5, lang_lr=1e-5, weight_decay=1e-4,
-                 warmup=500, grad_clip=0.0, save_every=2500, log_every=20),
+                 warmup=500, grad_clip=0.0, save_every=2500, log_every=20,
+                 image_warmup_steps=0),
 }
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every",
@@ -77,7 +81,7 @@ def build_parser():
         help="shorter sides to pick from at train time (base: 480 560 640 720 800)")
     add("--batch-size", type=int, help="micro-batch per rank (preset: tiny 8, base 2)")
     add("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--steps", type=int, help="optimizer steps (preset: tiny 400, base 90000)")
+    add("--steps", type=int, help="optimizer steps (preset: tiny 600, base 90000)")
     add("--lr", type=float, help="learning rate of everything but the text backbone")
     add("--lang-lr", type=float, help="learning rate of the text backbone (default: --lr)")
     add("--weight-decay", type=float, help="AdamW weight decay (biases: none)")
@@ -96,6 +100,11 @@ def build_parser():
     add("--out", default="runs/fine", help="folder for checkpoints (last.pt, step_*.pt)")
     add("--save-every", type=int, help="checkpoint every N steps")
     add("--resume", help="'auto' (out/last.pt when it exists) or a checkpoint path")
+    add("--image-warmup-steps", type=int,
+        help="before training from scratch, re-draw the Swin's linear weights at fan-in scale "
+             "and train it this many steps to classify synthetic scenes (colours, shapes, "
+             "sizes, background, count), a stand-in for ImageNet pre-training; skipped with "
+             "--init and on resume (preset: tiny 300, base 0)")
     add("--init", help="start from weights: a coarse FIBER checkpoint (original or this "
                        "project's names, fiber_coarse_init), a fine-grained release or one of "
                        "our fine checkpoints")
@@ -354,6 +363,8 @@ def train(args, env):
 
     before = {}
     if not maybe_resume(run, env):
+        if warm_up_from_scratch(model, args, config, env) and ema is not None:
+            run.ema = ModelEma(model, args.ema)  # the average starts from the warmed-up Swin
         T.seed_everything(args.seed + env.rank)  # drop path and DropBlock differ across ranks
         before = evaluate(run, env)
         if before:
@@ -371,6 +382,22 @@ def train(args, env):
     if summary["status"] == "done":
         summary.update(before=before, after=evaluate(run, env))
     return summary
+
+
+def warm_up_from_scratch(model, args, config, env):
+    """--image-warmup-steps (scratch.py), at the test-time image size; True if it ran. Every
+    rank computes the same weights (the warm-up draws from --seed only)."""
+    if not args.image_warmup_steps:
+        return False
+    if args.init:
+        T.log("image warm-up skipped: the weights come from --init")
+        return False
+    swin = model.backbone.swin
+    fan_in_init(swin)
+    warm_up_image_backbone(swin, steps=args.image_warmup_steps, image_size=config.min_size,
+                           batch_size=args.batch_size, seed=args.seed, device=env.device,
+                           log=T.log)
+    return True
 
 
 def loop(run, env, wrapped):

@@ -20,7 +20,7 @@ from conftest import REPO, assert_same_training_state
 
 SMALL = ["--batch-size", "2", "--train-sizes", "64", "--min-size", "64", "--max-size", "64",
          "--synthetic-scenes", "16", "--log-every", "1", "--no-eval", "--ema", "0.9",
-         "--warmup", "2"]
+         "--warmup", "2", "--image-warmup-steps", "0"]
 
 
 # One torch thread, as the subprocesses get (see conftest.one_thread).
