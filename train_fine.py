@@ -38,9 +38,10 @@ from synthetic import SyntheticWorld, WorldConfig
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {
-    # From scratch, with the Swin warmed up first (scratch.py: a stand-in for ImageNet).
-    "tiny": dict(batch_size=8, steps=600, lr=1e-3, lang_lr=None, weight_decay=0.01,
-                 warmup=40, grad_clip=1.0, save_every=100, log_every=10,
+    # From scratch, with the Swin warmed up first (scratch.py: a stand-in for ImageNet); about
+    # 9 minutes on 2 CPU cores. At 600 steps REC was 44% (chance 38%), at 1500 it is 68%.
+    "tiny": dict(batch_size=8, steps=1500, lr=1e-3, lang_lr=None, weight_decay=0.01,
+                 warmup=40, grad_clip=1.0, save_every=250, log_every=10,
                  image_warmup_steps=300),
     # COCO fine-tuning of the released model: lr 1e-5 for both parts, wd 1e-4, no clipping,
     # 24 epochs of 32 images (e.g. 8 GPUs x 2 x 2 accumulation).
@@ -81,7 +82,7 @@ def build_parser():
         help="shorter sides to pick from at train time (base: 480 560 640 720 800)")
     add("--batch-size", type=int, help="micro-batch per rank (preset: tiny 8, base 2)")
     add("--accum-steps", type=int, default=1, help="micro-batches per optimizer step")
-    add("--steps", type=int, help="optimizer steps (preset: tiny 600, base 90000)")
+    add("--steps", type=int, help="optimizer steps (preset: tiny 1500, base 90000)")
     add("--lr", type=float, help="learning rate of everything but the text backbone")
     add("--lang-lr", type=float, help="learning rate of the text backbone (default: --lr)")
     add("--weight-decay", type=float, help="AdamW weight decay (biases: none)")
