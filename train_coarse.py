@@ -33,10 +33,10 @@ from heads import PretrainObjective
 from loading import detect_kind, load_strict
 from metrics import retrieval_recall
 from model import Fiber, FiberConfig
+from scratch import fan_in_init, warm_up_image_backbone
 from tasks import TASK_HEADS, build_task, save_task_files
 from tasks import TASKS as FINETUNE_TASKS
 from task_datasets import vqa_vocab_for
-from scratch import fan_in_init, warm_up_image_backbone
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
 PRESETS = {

@@ -224,7 +224,7 @@ def make_grad_scaler(device, amp):
 @dataclass
 class StepResult:
     losses: dict             # mean over the micro-batches of this rank, as floats
-    nonfinite: bool = False  # a loss was NaN/inf on some rank: the update was dropped
+    nonfinite: bool = False  # a NaN/inf loss on some rank, or gradient: the update was dropped
     overflow: bool = False   # fp16 gradients overflowed: the scaler dropped the update
     grad_norm: float = math.nan
 
@@ -261,11 +261,18 @@ def train_step(model, micro_batches, loss_fn, *, optimizer, scheduler, scaler, e
 
 
 def _apply_update(model, sums, optimizer, scheduler, scaler, grad_clip):
-    grad_norm = math.nan
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)  # clip the true gradients, not the fp16-scaled ones
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+    scaler.unscale_(optimizer)  # clip and check the true gradients, not the fp16-scaled ones
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # max_norm=inf only measures. The norm is taken after DDP's all-reduce, so every rank
+    # sees the same value and makes the same decision.
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf).item()
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
+        # A finite loss can still have an inf/NaN gradient (e.g. a bf16 overflow in the
+        # backward pass); one such update would turn every weight into NaN. Drop it, as the
+        # fp16 scaler does for its own overflows.
+        optimizer.zero_grad(set_to_none=True)
+        _step_scheduler(scheduler)
+        return StepResult(sums, nonfinite=True, grad_norm=grad_norm)
     scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
     scaler.step(optimizer)
     scaler.update()
@@ -283,7 +290,7 @@ def _step_scheduler(scheduler):
 
 
 class DivergenceError(RuntimeError):
-    """Too many consecutive optimisation steps had a non-finite loss."""
+    """Too many consecutive optimisation steps had a non-finite loss or gradient."""
 
 
 class NonFiniteGuard:
@@ -301,13 +308,15 @@ class NonFiniteGuard:
             return
         self.consecutive += 1
         self.total += 1
-        log(f"step {step}: non-finite loss ({result.losses}), update skipped "
+        finite_loss = all(map(math.isfinite, result.losses.values()))
+        what = f"gradient (norm {result.grad_norm})" if finite_loss else "loss"
+        log(f"step {step}: non-finite {what} ({result.losses}), update skipped "
             f"({self.consecutive}/{self.max_consecutive} in a row)")
         if self.consecutive >= self.max_consecutive:
             raise DivergenceError(
-                f"{self.consecutive} consecutive steps with a NaN/inf loss up to step {step}: "
-                "the run diverged. The last good checkpoint is kept; lower --lr, enable "
-                "--grad-clip, or try --amp bf16/none."
+                f"{self.consecutive} consecutive steps with a NaN/inf loss or gradient up to "
+                f"step {step}: the run diverged. The last good checkpoint is kept; lower --lr, "
+                "enable --grad-clip, or try --amp bf16/none."
             )
 
 

@@ -468,7 +468,7 @@ def test_nan_loss_skips_its_step_and_a_streak_stops_the_run(pairs, tmp_path, cap
     assert rc == 1 and len(calls) == 6
     assert re.search(r"step 2: non-finite loss .*update skipped \(1/3 in a row\)", captured.out)
     assert re.search(r"step 6: non-finite loss .*update skipped \(3/3 in a row\)", captured.out)
-    assert "error: 3 consecutive steps with a NaN/inf loss up to step 6" in captured.err
+    assert "error: 3 consecutive steps with a NaN/inf loss or gradient up to step 6" in captured.err
     assert "last good checkpoint is kept" in captured.err
 
     saved = {s: load(out / f"step_{s:07d}.pt") for s in range(1, 6)}

@@ -1,4 +1,5 @@
 """Tests of training.py with a toy model: schedules, sampler, accumulation, resume, checkpoints."""
+import math
 import os
 import signal
 import socket
@@ -196,6 +197,37 @@ def test_nonfinite_loss_skips_the_update_and_stops_after_n():
     assert run["sched"].last_epoch == 2  # the schedule still follows the step count
     with pytest.raises(T.DivergenceError, match="3 consecutive"):
         guard.update(r, 2)
+
+
+class InfGradient(torch.autograd.Function):
+    """Identity forward, inf backward: a finite loss whose gradient is not (what a bf16
+    overflow in the backward pass looks like)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1.0])
+def test_nonfinite_gradient_of_a_finite_loss_skips_the_update(grad_clip, capsys):
+    run = make_run(4)
+    before = [p.detach().clone() for p in run["model"].parameters()]
+
+    def inf_gradient_loss(model, batch):
+        return {"loss": InfGradient.apply(mse(model, batch)["loss"])}
+
+    r = T.train_step(run["model"], [next(run["stream"])], inf_gradient_loss,
+                     optimizer=run["opt"], scheduler=run["sched"], scaler=run["scaler"],
+                     env=ENV, grad_clip=grad_clip)
+    assert r.nonfinite and math.isfinite(r.losses["loss"]) and not math.isfinite(r.grad_norm)
+    for a, b in zip(before, run["model"].parameters()):
+        assert torch.equal(a, b)  # one such update would have made every weight NaN
+    T.NonFiniteGuard(max_consecutive=3).update(r, 5)
+    assert "step 5: non-finite gradient (norm " in capsys.readouterr().out
 
 
 def test_grad_clip_and_fp16_scaler_on_cpu():
