@@ -89,7 +89,7 @@ def warm_up_image_backbone(swin, *, steps, image_size, batch_size=16, lr=3e-4, s
     summary = dict(steps=steps, first_loss=first, last_loss=last, seconds=seconds)
     if steps:
         log(f"image backbone warm-up: {steps} steps of scene-label classification, "
-            f"loss {first:.3f} -> {last:.3f} ({summary['seconds']:.0f} s)")
+            f"loss {first:.3f} -> {last:.3f} ({seconds:.0f} s)")
     return summary
 
 
