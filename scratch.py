@@ -64,6 +64,22 @@ def fan_in_init(*modules):
                 torch.nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
 
 
+def warm_up_unless_initialised(swin, *, steps, initialised, fan_in_first=False, log=print,
+                               **options):
+    """What the training scripts do with --image-warmup-steps: nothing when it is 0, a note
+    when the weights came from --init (`initialised`), else (after `fan_in_init(swin)` when
+    `fan_in_first`) warm_up_image_backbone with `options`. Returns whether it ran."""
+    if not steps:
+        return False
+    if initialised:
+        log("image warm-up skipped: the weights come from --init")
+        return False
+    if fan_in_first:
+        fan_in_init(swin)
+    warm_up_image_backbone(swin, steps=steps, log=log, **options)
+    return True
+
+
 def warm_up_image_backbone(swin, *, steps, image_size, batch_size=16, lr=3e-4, seed=0,
                            scenes=None, device="cpu", log=print):
     """Train `swin` (in place) to classify scene labels for `steps` steps; returns a summary.

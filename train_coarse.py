@@ -33,7 +33,7 @@ from heads import PretrainObjective
 from loading import detect_kind, load_strict
 from metrics import retrieval_recall
 from model import Fiber, FiberConfig
-from scratch import fan_in_init, warm_up_image_backbone
+from scratch import fan_in_init, warm_up_unless_initialised
 from tasks import TASK_HEADS, build_task, save_task_files
 from tasks import TASKS as FINETUNE_TASKS
 from task_datasets import vqa_vocab_for
@@ -441,14 +441,10 @@ def train(args, env):
 def warm_up_from_scratch(model, args, env):
     """--image-warmup-steps: the Swin learns to see the synthetic scenes before alignment.
     Every rank computes the same weights (the warm-up draws from --seed only)."""
-    if not args.image_warmup_steps:
-        return
-    if args.init:
-        T.log("image warm-up skipped: the weights come from --init")
-        return
-    warm_up_image_backbone(model.backbone.swin, steps=args.image_warmup_steps,
-                           image_size=args.image_size, batch_size=args.batch_size,
-                           seed=args.seed, device=env.device, log=T.log)
+    warm_up_unless_initialised(model.backbone.swin, steps=args.image_warmup_steps,
+                               initialised=bool(args.init), image_size=args.image_size,
+                               batch_size=args.batch_size, seed=args.seed, device=env.device,
+                               log=T.log)
 
 
 def loop(run, env, wrapped, task, steps, dataset):

@@ -33,7 +33,7 @@ from data import AnnotationError, load_tokenizer
 from data_fine import FineCollator, build_fine_dataset
 from detector import FiberDetector, FiberDetectorConfig, detector_kind, pick_weights
 from eval_fine import synthetic_metrics
-from scratch import fan_in_init, warm_up_image_backbone
+from scratch import warm_up_unless_initialised
 from synthetic import SyntheticWorld, WorldConfig
 
 # Defaults that depend on the model size; every one can be overridden by its flag.
@@ -386,19 +386,12 @@ def train(args, env):
 
 
 def warm_up_from_scratch(model, args, config, env):
-    """--image-warmup-steps (scratch.py), at the test-time image size; True if it ran. Every
-    rank computes the same weights (the warm-up draws from --seed only)."""
-    if not args.image_warmup_steps:
-        return False
-    if args.init:
-        T.log("image warm-up skipped: the weights come from --init")
-        return False
-    swin = model.backbone.swin
-    fan_in_init(swin)
-    warm_up_image_backbone(swin, steps=args.image_warmup_steps, image_size=config.min_size,
-                           batch_size=args.batch_size, seed=args.seed, device=env.device,
-                           log=T.log)
-    return True
+    """--image-warmup-steps on a fan-in Swin, at the test-time image size; True if it ran.
+    Every rank computes the same weights (the warm-up draws from --seed only)."""
+    return warm_up_unless_initialised(
+        model.backbone.swin, steps=args.image_warmup_steps, initialised=bool(args.init),
+        fan_in_first=True, image_size=config.min_size, batch_size=args.batch_size,
+        seed=args.seed, device=env.device, log=T.log)
 
 
 def loop(run, env, wrapped):
