@@ -130,22 +130,29 @@ class WindowAttention(nn.Module):
 
     def position_bias(self) -> torch.Tensor:
         N = self.window_size**2
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        return bias.view(N, N, -1).permute(2, 0, 1)  # (nH, N, N)
+        # gathered from the transposed table, so the result is contiguous in (head, query, key)
+        bias = self.relative_position_bias_table.t()[:, self.relative_position_index.view(-1)]
+        return bias.view(-1, N, N)  # (nH, N, N)
 
     def forward(self, windows: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        Bw, N, C = windows.shape  # Bw = B * nW
+        """windows (B*nW, N, C), image-major; mask (nW, N, N) for shifted windows, else None."""
+        Bw, N, C = windows.shape
         nH = self.num_heads
-        qkv = self.qkv(windows).view(Bw, N, 3, nH, C // nH).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # each (Bw, nH, N, hd)
+        nW = 1 if mask is None else mask.shape[0]
 
-        bias = self.position_bias().unsqueeze(0)  # (1, nH, N, N)
-        if mask is not None:  # shifted windows: add the region mask of each window
-            nW = mask.shape[0]
-            bias = (bias.view(1, 1, nH, N, N) + mask.view(1, nW, 1, N, N).to(bias.dtype))
-            bias = bias.expand(Bw // nW, -1, -1, -1, -1).reshape(Bw, nH, N, N)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        out = out.transpose(1, 2).reshape(Bw, N, C)  # (Bw, N, C)
+        # Fold the windows of an image into the head axis: (B, nW*nH, N, hd). The bias is then
+        # one (1, nW*nH, N, N) tensor broadcast over the images instead of a copy per image.
+        qkv = self.qkv(windows).view(Bw // nW, nW, N, 3, nH, C // nH)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).flatten(2, 3).unbind(0)  # (B, nW*nH, N, hd)
+
+        # built in the dtype attention runs in (bf16 under autocast): half the bytes to write
+        bias = self.position_bias().to(q.dtype)  # (nH, N, N)
+        if mask is not None:  # shifted windows: each window adds its own region mask
+            bias = bias + mask.unsqueeze(1).to(q.dtype)  # (nW, nH, N, N)
+        bias = bias.reshape(1, nW * nH, N, N)
+
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.view(Bw, nH, N, C // nH).transpose(1, 2).reshape(Bw, N, C)  # (Bw, N, C)
         return self.proj(out)
 
 
