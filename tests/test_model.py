@@ -204,3 +204,41 @@ def test_objective_uses_the_queue_and_rereads_negatives():
 def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
     logits = torch.randn(2, 5, 11)
     assert mlm_loss(logits, torch.full((2, 5), -100)).item() == 0.0
+
+
+def test_window_attention_matches_per_window_reference():
+    """Windows folded into the head axis must still pair each window with its own mask."""
+    from swin import WindowAttention, shifted_window_mask, window_partition
+
+    torch.manual_seed(0)
+    B, grid, ws, C, nH = 3, 8, 4, 16, 2
+    attn = WindowAttention(dim=C, num_heads=nH, window_size=ws).eval()
+    mask = shifted_window_mask(grid, grid, ws, ws // 2)  # (nW, N, N), differs per window
+    windows = window_partition(torch.randn(B, grid, grid, C), ws)  # (B*nW, N, C)
+    nW, N, hd = mask.shape[0], ws * ws, C // nH
+
+    q, k, v = attn.qkv(windows).view(B * nW, N, 3, nH, hd).permute(2, 0, 3, 1, 4)
+    bias = attn.position_bias()  # (nH, N, N)
+    expected = torch.empty(B * nW, nH, N, hd)
+    for i in range(B * nW):  # image-major: window i belongs to image i // nW
+        for h in range(nH):
+            scores = q[i, h] @ k[i, h].T / hd**0.5 + bias[h] + mask[i % nW]
+            expected[i, h] = scores.softmax(-1) @ v[i, h]
+    expected = attn.proj(expected.transpose(1, 2).reshape(B * nW, N, C))
+
+    torch.testing.assert_close(attn(windows, mask), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_mlp_equals_whole_mlp():
+    """Inference runs the MLP in row chunks (less memory); the numbers must not change."""
+    from swin import Mlp
+
+    torch.manual_seed(0)
+    mlp = Mlp(dim=8, hidden=32)
+    mlp.chunk_rows = 7  # 2 x 20 rows: 6 chunks, the last one short
+    x = torch.randn(2, 20, 8)
+    whole = mlp(x)  # autograd on: one pass
+    with torch.no_grad():
+        chunked = mlp(x)
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-6, rtol=1e-6)
