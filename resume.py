@@ -129,17 +129,23 @@ def load_checkpoint(path, *, map_location="cpu", require=()):
     return state
 
 
-def config_differences(saved, current, prefix=""):
+# model config fields that trade memory for time and never change a number: a run may be
+# resumed with activation checkpointing switched on or off
+MEMORY_ONLY_FIELDS = frozenset({"grad_checkpointing", "checkpoint_tower"})
+
+
+def config_differences(saved, current, prefix="", ignore=frozenset()):
     """Fields whose values differ between two dicts, as 'name: checkpoint A vs now B' lines.
 
-    Nested dicts (a model config's sub-configs) are compared field by field, named a.b.
+    Nested dicts (a model config's sub-configs) are compared field by field, named a.b; field
+    names in `ignore` are skipped at any depth.
     """
     missing = object()
     diffs = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted((set(saved) | set(current)) - set(ignore)):
         a, b = saved.get(key, missing), current.get(key, missing)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, prefix=f"{prefix}{key}.")
+            diffs += config_differences(a, b, prefix=f"{prefix}{key}.", ignore=ignore)
         elif _normalise(a) != _normalise(b):
             a = "(absent)" if a is missing else repr(a)
             b = "(absent)" if b is missing else repr(b)
@@ -160,7 +166,8 @@ def check_resume_compatible(state, path, *, config, args, ignore_args=()):
     """
     flags = {k: v for k, v in args.items() if k not in ignore_args}
     saved_flags = {k: v for k, v in state["args"].items() if k not in ignore_args}
-    diffs = ["config." + d for d in config_differences(state["config"], config)]
+    diffs = ["config." + d for d in config_differences(state["config"], config,
+                                                        ignore=MEMORY_ONLY_FIELDS)]
     for line in config_differences(saved_flags, flags):
         name, rest = line.split(":", 1)
         diffs.append(f"--{name.replace('_', '-')}:{rest}")

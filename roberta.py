@@ -177,7 +177,7 @@ class RobertaModel(nn.Module):
 
     def run_layer(self, index, h, mask, image=None, last_norm=True):
         layer = self.encoder.layer[index]
-        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.config.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(layer, h, mask, image, last_norm, use_reentrant=False)
         return layer(h, mask, image, last_norm)
 

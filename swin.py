@@ -317,7 +317,7 @@ class SwinTransformer(nn.Module):
                     module.window_size).to(device)
 
     def run_block(self, block: SwinBlock, x, H, W, text=None, text_mask=None):
-        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+        if self.config.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, x, H, W, text, text_mask, use_reentrant=False)
         return block(x, H, W, text, text_mask)
 

@@ -56,7 +56,8 @@ PRESETS = {
 }
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every", "no_eval",
-                     "log_every", "dist_timeout", "max_skip_fraction", "max_nonfinite_steps"}
+                     "log_every", "dist_timeout", "max_skip_fraction", "max_nonfinite_steps",
+                     "grad_checkpointing", "compact_heap"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +101,13 @@ def build_parser():
     add("--amp", default="none", choices=sorted(T.AMP_DTYPES),
         help="mixed precision: bf16 (no scaling needed), fp16 (with a gradient scaler) or none")
     add("--grad-clip", type=float, default=0.0, help="clip the gradient norm to this; 0 = off")
+    add("--grad-checkpointing", action="store_true",
+        help="recompute each backbone block in the backward pass: far less activation memory, "
+             "about 20%% more compute")
+    add("--compact-heap", action="store_true",
+        help="CPU, glibc: return every freed buffer of 1 MiB or more to the OS at once; lower "
+             "peak memory (a base pre-training step with --grad-checkpointing: 6.5 -> 5.0 GB), "
+             "about 30%% slower")
     add("--queue-size", type=int, help="ITC queue length, 0 for none (preset: tiny 0, base 4096)")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the model init, data order and masking")
@@ -244,6 +252,7 @@ def build_model(args):
         extra["vqa_answers"] = len(vqa_vocab_for(args.data))
     config = make(image_size=args.image_size, max_text_len=args.max_text_len,
                   heads=TASKS[args.task].heads, **extra)
+    config.swin.grad_checkpointing = config.text.grad_checkpointing = args.grad_checkpointing
     model = Fiber(config)
     if args.scratch_init == "fan_in":
         scratch_init(model)

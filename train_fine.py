@@ -52,7 +52,8 @@ PRESETS = {
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUME_MAY_CHANGE = {"out", "resume", "init", "num_workers", "save_every", "eval_every",
                      "no_eval", "log_every", "dist_timeout", "max_skip_fraction",
-                     "max_nonfinite_steps", "eval_scenes"}
+                     "max_nonfinite_steps", "eval_scenes", "grad_checkpointing",
+                     "compact_heap"}
 LOSS_NAMES = ("loss_dot_product_token", "loss_reg", "loss_centerness")
 
 
@@ -96,6 +97,10 @@ def build_parser():
     add("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
     add("--grad-checkpointing", action="store_true",
         help="recompute backbone blocks and tower in backward (less memory, slower)")
+    add("--compact-heap", action="store_true",
+        help="CPU, glibc: return every freed buffer of 1 MiB or more to the OS at once; lower "
+             "peak memory (a base pre-training step with --grad-checkpointing: 6.5 -> 5.0 GB), "
+             "about 30%% slower")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
     add("--out", default="runs/fine", help="folder for checkpoints (last.pt, step_*.pt)")

@@ -15,6 +15,7 @@ same parameters, bit for bit, as a run that never stopped. That holds because
   - every global RNG (python, numpy, torch CPU/CUDA) of every rank is saved and restored, and
   - the DataLoader draws its worker seeds from a private generator, not the global one.
 """
+import ctypes
 import math
 import resource
 import signal
@@ -356,6 +357,24 @@ class StopSignal:
 # Meters
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number (malloc.h)
+
+
+def compact_cpu_heap(threshold_bytes: int = 1 << 20) -> bool:
+    """Have glibc serve every CPU buffer of `threshold_bytes` or more with its own mmap, so that
+    freeing it hands the memory back to the OS at once.
+
+    By default glibc raises that threshold to 32 MiB as soon as large tensors are freed; a
+    training step's many 1-32 MiB activations then fragment the heap, and the process holds far
+    more than it uses (FIBER-B pre-training at 384 px with checkpointing: 6.5 GB of RSS for 5.0
+    GB of live tensors). The price is time, as fresh pages are zero-filled on first touch: about
+    +30% per step on a 2-core CPU. Returns False, changing nothing, off glibc."""
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory_mb(device):
     """Peak memory so far: allocated CUDA memory on GPU, the process's max RSS on CPU."""
     if device.type == "cuda":
@@ -555,6 +574,9 @@ def run_main(args, train, report, *, errors=()):
     """Join the process group, train, report; a known failure becomes a one-line error and
     exit status 1 on every rank (never a hang, never a traceback for bad data)."""
     t0 = time.time()
+    if getattr(args, "compact_heap", False) and not compact_cpu_heap():
+        print("--compact-heap: this C library has no glibc mallopt(); running without",
+              file=sys.stderr)
     env = setup_distributed(timeout_s=args.dist_timeout)
     try:
         summary = train(args, env)

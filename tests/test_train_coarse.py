@@ -4,6 +4,7 @@ Runs are kept small (micro-batch 4, 24-token captions, a 16-entry queue, a few s
 takes seconds; the multi-process and signal tests run the script as a subprocess.
 """
 import os
+import platform
 import signal
 import socket
 import subprocess
@@ -82,6 +83,26 @@ def test_resumed_run_is_bit_identical(tmp_path, straight, workers):
     assert rc == 0
     same_training_state(torch.load(straight / "last.pt", weights_only=True),
                         torch.load(resumed / "last.pt", weights_only=True))
+
+
+def test_checkpointing_changes_memory_not_numbers(tmp_path, straight):
+    # Switching activation checkpointing on for the rest of a run is allowed (it trades memory
+    # for time), and the recomputed blocks (with dropout: the RNG is replayed) give the same
+    # weights, moments and queue as the straight run without it.
+    rc, resumed = run_main(tmp_path, "ckpt", "--steps", "3", "--grad-checkpointing",
+                           "--resume", str(straight / "step_0000001.pt"))
+    assert rc == 0
+    same_training_state(torch.load(straight / "last.pt", weights_only=True),
+                        torch.load(resumed / "last.pt", weights_only=True))
+
+
+def test_compact_heap_takes_effect_on_glibc():
+    # run in a child: the setting lasts for the life of a process
+    code = "import training, sys; sys.exit(0 if training.compact_cpu_heap() else 3)"
+    rc = subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode
+    if rc == 3 and platform.libc_ver()[0] != "glibc":
+        pytest.skip("not glibc: --compact-heap is a no-op here")
+    assert rc == 0
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
