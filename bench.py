@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--fixtures", type=Path, default=None,
                    help="folder of the original's golden fixtures: use its weights and inputs")
     p.add_argument("--compact-heap", action="store_true",
-                   help="CPU, glibc: give freed buffers of 1 MiB or more back to the OS at once "
+                   help="CPU, glibc: give freed buffers of 4 MiB or more back to the OS at once "
                         "(lower peak memory, slower; see training.compact_cpu_heap)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model first")
     p.add_argument("--naive", action="store_true",
