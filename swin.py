@@ -142,7 +142,7 @@ class WindowAttention(nn.Module):
 
         # Fold the windows of an image into the head axis: (B, nW*nH, N, hd). The bias is then
         # one (1, nW*nH, N, N) tensor broadcast over the images instead of a copy per image.
-        # one expression, so the linear's output is freed as soon as it has been regrouped
+        # (One expression, so that the linear's output is freed as soon as it is regrouped.)
         q, k, v = (self.qkv(windows).view(Bw // nW, nW, N, 3, nH, C // nH)
                    .permute(3, 0, 1, 4, 2, 5).flatten(2, 3).unbind(0))  # (B, nW*nH, N, hd)
 

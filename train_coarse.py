@@ -104,10 +104,6 @@ def build_parser():
     add("--grad-checkpointing", action="store_true",
         help="recompute each backbone block in the backward pass: far less activation memory, "
              "about 20%% more compute")
-    add("--compact-heap", action="store_true",
-        help="CPU, glibc: return every freed buffer of 4 MiB or more to the OS at once; lower "
-             "peak memory (a base pre-training step with --grad-checkpointing: 6.5 -> 5.9 GB), "
-             "about 20%% slower")
     add("--queue-size", type=int, help="ITC queue length, 0 for none (preset: tiny 0, base 4096)")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the model init, data order and masking")
@@ -133,6 +129,7 @@ def build_parser():
     add("--no-eval", action="store_true", help="skip every evaluation (quick runs, tests)")
     add("--log-every", type=int, help="log a line every N steps (preset: tiny 20, base 50)")
     T.add_guard_flags(p)
+    T.add_compact_heap_flag(p)
     return p
 
 

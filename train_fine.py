@@ -97,10 +97,6 @@ def build_parser():
     add("--grad-clip", type=float, help="clip the gradient norm to this; 0 = off")
     add("--grad-checkpointing", action="store_true",
         help="recompute backbone blocks and tower in backward (less memory, slower)")
-    add("--compact-heap", action="store_true",
-        help="CPU, glibc: return every freed buffer of 4 MiB or more to the OS at once; lower "
-             "peak memory (a base pre-training step with --grad-checkpointing: 6.5 -> 5.9 GB), "
-             "about 20%% slower")
     add("--num-workers", type=int, default=0, help="DataLoader worker processes per rank")
     add("--seed", type=int, default=0, help="seed of the init, data order and augmentation")
     add("--out", default="runs/fine", help="folder for checkpoints (last.pt, step_*.pt)")
@@ -119,6 +115,7 @@ def build_parser():
     add("--no-eval", action="store_true", help="skip every evaluation")
     add("--log-every", type=int, help="log a line every N steps")
     T.add_guard_flags(p)
+    T.add_compact_heap_flag(p)
     return p
 
 

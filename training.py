@@ -354,7 +354,7 @@ class StopSignal:
 
 
 # ---------------------------------------------------------------------------------------------
-# Meters
+# Process memory
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter number (malloc.h)
@@ -374,6 +374,19 @@ def compact_cpu_heap(threshold_bytes: int = 4 << 20) -> bool:
         return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, threshold_bytes))
     except (OSError, AttributeError):
         return False
+
+
+def add_compact_heap_flag(parser):
+    """--compact-heap, applied by run_main before anything large is allocated."""
+    parser.add_argument(
+        "--compact-heap", action="store_true",
+        help="CPU, glibc: return every freed buffer of 4 MiB or more to the OS at once; lower "
+             "peak memory (a base pre-training step with --grad-checkpointing: 6.5 -> 5.9 GB), "
+             "about 20%% slower")
+
+
+# ---------------------------------------------------------------------------------------------
+# Meters
 
 
 def peak_memory_mb(device):
