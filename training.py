@@ -588,7 +588,7 @@ def run_main(args, train, report, *, errors=()):
     """Join the process group, train, report; a known failure becomes a one-line error and
     exit status 1 on every rank (never a hang, never a traceback for bad data)."""
     t0 = time.time()
-    if getattr(args, "compact_heap", False) and not compact_cpu_heap():
+    if args.compact_heap and not compact_cpu_heap():
         print("--compact-heap: this C library has no glibc mallopt(); running without",
               file=sys.stderr)
     env = setup_distributed(timeout_s=args.dist_timeout)
